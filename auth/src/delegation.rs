@@ -1,0 +1,1 @@
+//! Delegation analysis (a pure function of directory facts) and its configuration.

@@ -1,0 +1,1 @@
+//! The AD directory client (ldap3): LDAPS/StartTLS, GSSAPI or simple bind, paged searches.

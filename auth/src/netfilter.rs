@@ -1,0 +1,1 @@
+//! The incoming-network filter (CIDR lists or any network), applied before TLS.

@@ -1,0 +1,1 @@
+//! Service principal names: parsing, formatting, comparison, and the Samba escaped-twin quirk.

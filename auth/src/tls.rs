@@ -1,0 +1,1 @@
+//! TLS 1.3 with rustls (ring) and ephemeral certificates: secrecy, not identity.

@@ -1,0 +1,1 @@
+//! The migration wire protocol: versioned, length-prefixed frames.

@@ -1,0 +1,1 @@
+//! The KVM micro-VM: memory, vCPUs, devices, guest programs, state save/restore, checkers.
