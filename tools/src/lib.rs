@@ -8,4 +8,5 @@
 pub mod conn;
 pub mod delegation;
 pub mod exit;
+pub mod output;
 pub mod spn;

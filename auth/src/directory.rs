@@ -1,1 +1,0 @@
-//! The AD directory client (ldap3): LDAPS/StartTLS, GSSAPI or simple bind, paged searches.
