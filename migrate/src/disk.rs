@@ -1,1 +1,0 @@
-//! Disk images (raw, qcow2 with backing chains) and the block device backend.
