@@ -1,1 +1,0 @@
-//! The migration wire protocol: versioned, length-prefixed frames.
