@@ -1,0 +1,105 @@
+//! Helpers shared by the VM integration tests (real /dev/kvm, real disk images).
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Runs a tool and returns its stdout; panics with its stderr if it fails.
+pub fn tool(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Path as &str.
+pub fn s(p: &Path) -> &str {
+    p.to_str().expect("test paths are UTF-8")
+}
+
+/// Fails with a clear message if /dev/kvm is missing.
+pub fn require_kvm() {
+    assert!(
+        Path::new("/dev/kvm").exists(),
+        "these tests need /dev/kvm (real KVM); it does not exist on this machine"
+    );
+}
+
+/// Writes `text` to `dir/name` and returns the path.
+pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).expect("write test file");
+    p
+}
+
+/// Number of `byte` in the file (0 if missing).
+pub fn count_byte(path: &Path, byte: u8) -> usize {
+    std::fs::read(path)
+        .unwrap_or_default()
+        .iter()
+        .filter(|b| **b == byte)
+        .count()
+}
+
+/// The `vmgate-vm` binary.
+pub fn vmgate_vm() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_vmgate-vm"))
+}
+
+/// Output of one `vmgate-vm` run.
+#[derive(Debug)]
+pub struct Run {
+    /// Exit code.
+    pub code: i32,
+    /// Parsed JSON report (Null if stdout was not JSON).
+    pub json: serde_json::Value,
+    /// Raw stdout.
+    pub stdout: String,
+    /// Raw stderr.
+    pub stderr: String,
+}
+
+/// Runs `vmgate-vm ARGS`.
+pub fn run_cli(args: &[&str]) -> Run {
+    let out = Command::new(vmgate_vm())
+        .args(args)
+        .output()
+        .expect("run vmgate-vm");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        json: serde_json::from_str(&stdout).unwrap_or(serde_json::Value::Null),
+        stdout,
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// The mailbox counter of vCPU `i` in a report's `key` ("mailbox" or "mailbox_before").
+pub fn counter(json: &serde_json::Value, key: &str, i: usize) -> u64 {
+    json[key][i]["counter"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no {key}[{i}] in {json}"))
+}
+
+/// The checks of a report, as (check name, ok, summary).
+pub fn checks(json: &serde_json::Value) -> Vec<(String, bool, String)> {
+    json["checks"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no checks in {json}"))
+        .iter()
+        .map(|c| {
+            (
+                c["check"].as_str().unwrap_or("").to_string(),
+                c["ok"].as_bool().unwrap_or(false),
+                c["summary"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
