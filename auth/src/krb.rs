@@ -1,1 +1,0 @@
-//! Kerberos through GSSAPI: credentials from explicit keytabs and caches, contexts, S4U.
