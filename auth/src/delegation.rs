@@ -1,1 +1,0 @@
-//! Delegation analysis (a pure function of directory facts) and its configuration.
