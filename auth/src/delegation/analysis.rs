@@ -502,7 +502,10 @@ fn spn_registered(facts: &DelegationFacts, id: RequirementId, spn: &str) -> Requ
             "setspn -D {spn_word} {}\nsetspn -S {spn_word} {d_arg}",
             account_arg(other)
         )),
-        Registration::Duplicated(all) => {
+        Registration::Duplicated(mut all) => {
+            // The directory returns holders in no particular order: name them sorted so the
+            // message and the fix are the same on every run.
+            all.sort_by_key(|a| a.to_ascii_uppercase());
             let mut fix: Vec<String> = all
                 .iter()
                 .filter(|a| !a.eq_ignore_ascii_case(target))
