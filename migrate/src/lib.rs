@@ -6,5 +6,6 @@
 //! that the daemon implements for the authenticated stream.
 
 pub mod disk;
+pub mod engine;
 pub mod protocol;
 pub mod vm;

@@ -283,6 +283,7 @@ pub struct Vm {
     _kvm: Kvm,
     msr_list: Arc<Vec<u32>>,
     supported_cpuid: Vec<kvm_cpuid_entry2>,
+    guest_cpuid: Vec<kvm_cpuid_entry2>,
     disk_regions: Vec<Option<DiskRegion>>,
     layout: MemoryLayout,
     config: VmConfig,
@@ -344,6 +345,7 @@ pub fn resolve_disk_regions(
     Ok(out)
 }
 
+#[derive(Debug)]
 struct Skeleton {
     kvm: Kvm,
     vm_fd: VmFd,
@@ -355,7 +357,16 @@ struct Skeleton {
     msr_candidates: Vec<u32>,
 }
 
-fn skeleton(config: &VmConfig, options: &VmOptions) -> Result<Skeleton, VmError> {
+fn open_disks(config: &VmConfig) -> Result<Vec<Arc<Disk>>, VmError> {
+    let mut disks = Vec::new();
+    for (index, spec) in config.disks.iter().enumerate() {
+        let d = Disk::open(spec, true).map_err(|source| VmError::Disk { index, source })?;
+        disks.push(Arc::new(d));
+    }
+    Ok(disks)
+}
+
+fn skeleton(config: &VmConfig, options: &VmOptions, open_disks: bool) -> Result<Skeleton, VmError> {
     config.validate()?;
     if !vcpu::install_kick_handler() {
         return Err(VmError::SignalHandler);
@@ -444,11 +455,11 @@ fn skeleton(config: &VmConfig, options: &VmOptions) -> Result<Skeleton, VmError>
             .map_err(kvm_err("register guest memory"))?;
     }
 
-    let mut disks = Vec::new();
-    for (index, spec) in config.disks.iter().enumerate() {
-        let d = Disk::open(spec, true).map_err(|source| VmError::Disk { index, source })?;
-        disks.push(Arc::new(d));
-    }
+    let disks = if open_disks {
+        self::open_disks(config)?
+    } else {
+        Vec::new()
+    };
     let console = match &options.console_log {
         Some(path) => Some(
             OpenOptions::new()
@@ -488,7 +499,7 @@ impl Vm {
     /// Builds a fresh VM from `config`: memory, devices, vCPUs in long mode at their
     /// programs' entry points. The VM is paused; [`Vm::resume`] starts it.
     pub fn create(config: VmConfig, options: &VmOptions) -> Result<Vm, VmError> {
-        let mut sk = skeleton(&config, options)?;
+        let mut sk = skeleton(&config, options, true)?;
         let sizes: Vec<u64> = sk.disks.iter().map(|d| d.size()).collect();
         let regions = resolve_disk_regions(&config, &sizes)?;
 
@@ -519,6 +530,7 @@ impl Vm {
         let devices = Devices::new(Serial::new(sk.console.take()), blocks);
 
         let mut fds = Vec::new();
+        let mut cpuid0 = Vec::new();
         for i in 0..config.vcpus {
             let fd = sk
                 .vm_fd
@@ -526,6 +538,9 @@ impl Vm {
                 .map_err(kvm_err("create a vCPU"))?;
             let entries =
                 cpuid::guest_cpuid(&sk.supported_cpuid, i, config.vcpus, config.cpu_compat);
+            if i == 0 {
+                cpuid0.clone_from(&entries);
+            }
             let cpuid = CpuId::from_entries(&entries)
                 .map_err(|e| VmError::VcpuState(format!("building CPUID failed: {e:?}")))?;
             fd.set_cpuid2(&cpuid).map_err(kvm_err("set the CPUID"))?;
@@ -562,55 +577,15 @@ impl Vm {
             write(programs::MAILBOX_MARKER_EVERY, start.marker_every)?;
             fds.push(fd);
         }
-        Vm::assemble(config, sk, devices, fds, regions)
+        Vm::assemble(config, sk, devices, fds, regions, cpuid0)
     }
 
-    /// Builds the skeleton of a VM that `state` describes: memory (empty), devices restored
-    /// from the state, vCPUs created with the recorded CPUID. Load the memory (e.g.
-    /// [`Vm::write_page`]), then call [`Vm::restore_state`] and [`Vm::resume`].
+    /// Builds the VM that `state` describes: memory (empty), devices restored from the
+    /// state, vCPUs created with the recorded CPUID. Load the memory (e.g.
+    /// [`Vm::write_page`]), then call [`Vm::restore_state`] and [`Vm::resume`]. The same as
+    /// [`PreparedVm::prepare`] followed by [`PreparedVm::finish`].
     pub fn create_for_restore(state: &VmState, options: &VmOptions) -> Result<Vm, VmError> {
-        let config = state.config.clone();
-        if state.vcpus.len() != usize::try_from(config.vcpus).unwrap_or(usize::MAX) {
-            return Err(VmError::VcpuCount {
-                state: state.vcpus.len(),
-                config: config.vcpus,
-            });
-        }
-        let mut sk = skeleton(&config, options)?;
-        if let Some(v0) = state.vcpus.first() {
-            let offer = cpuid::host_offer(&sk.kvm).map_err(kvm_err("probe this host's CPUID"))?;
-            let missing = cpuid::missing_features(&v0.cpuid, &offer);
-            if !missing.is_empty() {
-                return Err(VmError::CpuIncompatible { missing });
-            }
-        }
-        let sizes: Vec<u64> = sk.disks.iter().map(|d| d.size()).collect();
-        let regions = resolve_disk_regions(&config, &sizes)?;
-        let blocks = sk
-            .disks
-            .iter()
-            .enumerate()
-            .map(|(index, disk)| BlockArgs {
-                index,
-                disk: Arc::clone(disk),
-                mem: sk.mem.clone(),
-                layout: sk.layout.clone(),
-            })
-            .collect();
-        let devices = Devices::restore(sk.console.take(), blocks, &state.devices)?;
-        let mut fds = Vec::new();
-        for v in &state.vcpus {
-            let fd = sk
-                .vm_fd
-                .create_vcpu(u64::from(v.index))
-                .map_err(kvm_err("create a vCPU"))?;
-            let cpuid = CpuId::from_entries(&v.cpuid)
-                .map_err(|e| VmError::VcpuState(format!("the saved CPUID is invalid: {e:?}")))?;
-            fd.set_cpuid2(&cpuid)
-                .map_err(kvm_err("set the saved CPUID"))?;
-            fds.push(fd);
-        }
-        Vm::assemble(config, sk, devices, fds, regions)
+        PreparedVm::prepare(state.config.clone(), options)?.finish(state)
     }
 
     fn assemble(
@@ -619,6 +594,7 @@ impl Vm {
         devices: Devices,
         fds: Vec<VcpuFd>,
         regions: Vec<Option<DiskRegion>>,
+        cpuid0: Vec<kvm_cpuid_entry2>,
     ) -> Result<Vm, VmError> {
         let msr_list = Arc::new(
             fds.first()
@@ -660,6 +636,7 @@ impl Vm {
             _kvm: sk.kvm,
             msr_list,
             supported_cpuid: sk.supported_cpuid,
+            guest_cpuid: cpuid0,
             disk_regions: regions,
             layout: sk.layout,
             config,
@@ -996,6 +973,11 @@ impl Vm {
             .flatten()
     }
 
+    /// The CPUID vCPU 0's guest sees (what a destination must offer).
+    pub fn guest_cpuid(&self) -> &[kvm_cpuid_entry2] {
+        &self.guest_cpuid
+    }
+
     /// The CPUID KVM supports on this host.
     pub fn supported_cpuid(&self) -> &[kvm_cpuid_entry2] {
         &self.supported_cpuid
@@ -1059,6 +1041,120 @@ impl Vm {
         for h in &mut self.vcpus {
             h.exit(VCPU_TIMEOUT);
         }
+    }
+}
+
+/// The CPU features `cpuid` (a source vCPU's) uses that this host cannot offer (empty: the
+/// VM can run here).
+pub fn missing_cpu_features(cpuid: &[kvm_cpuid_entry2]) -> Result<Vec<String>, VmError> {
+    let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+    let offer = cpuid::host_offer(&kvm).map_err(kvm_err("probe this host's CPUID"))?;
+    Ok(cpuid::missing_features(cpuid, &offer))
+}
+
+/// A VM being received: its memory and KVM VM exist, its vCPUs and devices do not yet, and
+/// its disks are not open (on shared storage the source still holds them). The migration
+/// receiver writes pages into it while they arrive, then [`PreparedVm::finish`] builds the
+/// rest from the received state.
+#[derive(Debug)]
+pub struct PreparedVm {
+    config: VmConfig,
+    sk: Skeleton,
+}
+
+impl PreparedVm {
+    /// Allocates the memory and the KVM VM for `config` (validated); no vCPU, no disk.
+    pub fn prepare(config: VmConfig, options: &VmOptions) -> Result<PreparedVm, VmError> {
+        let sk = skeleton(&config, options, false)?;
+        Ok(PreparedVm { config, sk })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// The memory layout.
+    pub fn layout(&self) -> &MemoryLayout {
+        &self.sk.layout
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMem {
+        &self.sk.mem
+    }
+
+    /// Writes page `index` (dense index) from `buf` (4096 bytes).
+    pub fn write_page(&self, index: u64, buf: &[u8]) -> Result<(), VmError> {
+        if buf.len() != PAGE_BYTES {
+            return Err(VmError::PageBuffer(buf.len()));
+        }
+        let gpa = self.sk.layout.gpa_of(index).ok_or(VmError::PageIndex {
+            index,
+            pages: self.sk.layout.total_pages(),
+        })?;
+        self.sk
+            .mem
+            .write_slice(buf, GuestAddress(gpa))
+            .map_err(|source| VmError::GuestAccess { gpa, source })
+    }
+
+    /// Opens the disks, restores the devices from `state`, creates the vCPUs with the
+    /// recorded CPUID: the VM, paused, with the memory written so far. Then call
+    /// [`Vm::restore_state`] and [`Vm::resume`].
+    pub fn finish(self, state: &VmState) -> Result<Vm, VmError> {
+        let PreparedVm { config, mut sk } = self;
+        if state.config != config {
+            return Err(VmError::VcpuState(
+                "the received state describes another configuration than the prepared VM".into(),
+            ));
+        }
+        if state.vcpus.len() != usize::try_from(config.vcpus).unwrap_or(usize::MAX) {
+            return Err(VmError::VcpuCount {
+                state: state.vcpus.len(),
+                config: config.vcpus,
+            });
+        }
+        if let Some(v0) = state.vcpus.first() {
+            let offer = cpuid::host_offer(&sk.kvm).map_err(kvm_err("probe this host's CPUID"))?;
+            let missing = cpuid::missing_features(&v0.cpuid, &offer);
+            if !missing.is_empty() {
+                return Err(VmError::CpuIncompatible { missing });
+            }
+        }
+        sk.disks = open_disks(&config)?;
+        let sizes: Vec<u64> = sk.disks.iter().map(|d| d.size()).collect();
+        let regions = resolve_disk_regions(&config, &sizes)?;
+        let blocks = sk
+            .disks
+            .iter()
+            .enumerate()
+            .map(|(index, disk)| BlockArgs {
+                index,
+                disk: Arc::clone(disk),
+                mem: sk.mem.clone(),
+                layout: sk.layout.clone(),
+            })
+            .collect();
+        let devices = Devices::restore(sk.console.take(), blocks, &state.devices)?;
+        let mut fds = Vec::new();
+        for v in &state.vcpus {
+            let fd = sk
+                .vm_fd
+                .create_vcpu(u64::from(v.index))
+                .map_err(kvm_err("create a vCPU"))?;
+            let cpuid = CpuId::from_entries(&v.cpuid)
+                .map_err(|e| VmError::VcpuState(format!("the saved CPUID is invalid: {e:?}")))?;
+            fd.set_cpuid2(&cpuid)
+                .map_err(kvm_err("set the saved CPUID"))?;
+            fds.push(fd);
+        }
+        let cpuid0 = state
+            .vcpus
+            .first()
+            .map(|v| v.cpuid.clone())
+            .unwrap_or_default();
+        Vm::assemble(config, sk, devices, fds, regions, cpuid0)
     }
 }
 

@@ -272,6 +272,25 @@ impl AuthenticatedStream {
     pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         self.reader.set_read_timeout(t)
     }
+
+    /// A handle on the underlying socket, to shut the connection down from another thread
+    /// (it unblocks reads and writes on both halves). Nothing can be read or written
+    /// through it: the TLS records stay with the halves.
+    pub fn shutdown_handle(&self) -> io::Result<ShutdownHandle> {
+        self.reader.try_clone_socket().map(ShutdownHandle)
+    }
+}
+
+/// Shuts an [`AuthenticatedStream`]'s connection down (both directions).
+#[derive(Debug)]
+pub struct ShutdownHandle(TcpStream);
+
+impl ShutdownHandle {
+    /// Shuts the connection down; the peer sees the end of the stream, blocked reads and
+    /// writes here return.
+    pub fn shutdown(&self) {
+        let _ = self.0.shutdown(std::net::Shutdown::Both);
+    }
 }
 
 impl Read for AuthenticatedStream {

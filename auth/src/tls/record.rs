@@ -284,6 +284,11 @@ impl RecordReader {
         self.sock.set_read_timeout(t)
     }
 
+    /// A clone of the socket, for shutting the connection down from another thread.
+    pub(crate) fn try_clone_socket(&self) -> io::Result<TcpStream> {
+        self.sock.try_clone()
+    }
+
     /// Makes sure `need` undecrypted bytes are buffered from `start`.
     fn fill(&mut self, need: usize) -> io::Result<()> {
         while self.end - self.start < need {

@@ -325,6 +325,81 @@ impl<'a> Message<'a> {
         }
     }
 
+    /// An owned copy of a control message, for a thread that outlives the frame buffer;
+    /// `None` for page and block batches (they are handled in place, never queued).
+    pub fn to_static(&self) -> Option<Message<'static>> {
+        fn own(c: &str) -> Cow<'static, str> {
+            Cow::Owned(c.to_string())
+        }
+        fn own_bytes(c: &[u8]) -> Cow<'static, [u8]> {
+            Cow::Owned(c.to_vec())
+        }
+        Some(match self {
+            Message::Hello(h) => Message::Hello(Hello {
+                software: own(&h.software),
+                ..*h
+            }),
+            Message::HelloAck(a) => Message::HelloAck(HelloAck {
+                software: own(&a.software),
+                ..*a
+            }),
+            Message::VersionRefused(r) => Message::VersionRefused(VersionRefused {
+                source: r.source,
+                source_software: own(&r.source_software),
+                destination_min: r.destination_min,
+                destination: r.destination,
+                destination_software: own(&r.destination_software),
+            }),
+            Message::VmConfig(c) => Message::VmConfig(VmConfig {
+                name: own(&c.name),
+                memory_bytes: c.memory_bytes,
+                vcpus: c.vcpus,
+                disks: c.disks,
+                config: own_bytes(&c.config),
+            }),
+            Message::Compatible => Message::Compatible,
+            Message::Incompatible(i) => Message::Incompatible(Incompatible {
+                report: i
+                    .report
+                    .iter()
+                    .map(|e| Incompatibility {
+                        id: e.id,
+                        message: own(&e.message),
+                    })
+                    .collect(),
+            }),
+            Message::MemoryBatch(_) | Message::DiskBlocks(_) => return None,
+            Message::RoundEnd(e) => Message::RoundEnd(*e),
+            Message::RoundAck(a) => Message::RoundAck(*a),
+            Message::DiskLayer(l) => Message::DiskLayer(DiskLayer {
+                backing: own(&l.backing),
+                ..*l
+            }),
+            Message::DiskLayerAnswer(a) => Message::DiskLayerAnswer(*a),
+            Message::SwitchoverBegin(b) => Message::SwitchoverBegin(*b),
+            Message::VcpuState(v) => Message::VcpuState(VcpuState {
+                index: v.index,
+                state: own_bytes(&v.state),
+            }),
+            Message::DeviceState(d) => Message::DeviceState(DeviceState {
+                state: own_bytes(&d.state),
+            }),
+            Message::Complete(c) => Message::Complete(*c),
+            Message::Resumed => Message::Resumed,
+            Message::Released => Message::Released,
+            Message::Cancel(c) => Message::Cancel(Cancel {
+                reason: own(&c.reason),
+            }),
+            Message::Error(e) => Message::Error(ErrorMessage {
+                code: e.code,
+                message: own(&e.message),
+            }),
+            Message::Ping(n) => Message::Ping(*n),
+            Message::Pong(n) => Message::Pong(*n),
+            Message::Outcome(o) => Message::Outcome(*o),
+        })
+    }
+
     /// Appends the whole frame (header and payload) for `version` to `out`. Fails, as our
     /// own bug, if a field is out of the protocol's bounds or the payload exceeds its type's
     /// limit; `out` is then left as it was.

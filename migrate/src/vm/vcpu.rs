@@ -335,7 +335,12 @@ impl VcpuThread {
                 if self.state != VcpuRunState::Running {
                     continue;
                 }
-                self.maybe_sleep();
+                if let Some(req) = self.maybe_sleep() {
+                    if let Flow::Exit = self.handle(req) {
+                        return;
+                    }
+                    continue;
+                }
                 self.run_once();
             } else {
                 match self.requests.recv() {
@@ -424,13 +429,17 @@ impl VcpuThread {
         self.pending_completion = false;
     }
 
-    fn maybe_sleep(&mut self) {
+    /// Sleeps the throttle's share of time; a request (pause, exit) ends the sleep at once
+    /// and is returned, so a throttled guest (up to 990 ms asleep per slice) pauses promptly.
+    fn maybe_sleep(&mut self) -> Option<VcpuRequest> {
         if let Some(d) = self.throttle.sleep_for() {
             if self.ran_since_sleep.elapsed() >= THROTTLE_SLICE {
-                std::thread::sleep(d);
+                let req = self.requests.recv_timeout(d).ok();
                 self.ran_since_sleep = Instant::now();
+                return req;
             }
         }
+        None
     }
 
     fn run_once(&mut self) {

@@ -1,0 +1,3 @@
+//! The vmgate host: the glue that runs the migration engine over the authenticated channel.
+
+pub mod host;
