@@ -1,3 +1,5 @@
-//! The vmgate host: the glue that runs the migration engine over the authenticated channel.
+//! The vmgate host: the daemon's parts (configuration, events, control socket) and the glue
+//! that runs the migration engine over the authenticated channel.
 
+pub mod daemon;
 pub mod host;
