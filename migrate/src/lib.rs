@@ -8,4 +8,5 @@
 pub mod disk;
 pub mod engine;
 pub mod protocol;
+pub mod storage;
 pub mod vm;

@@ -36,6 +36,7 @@ pub mod config;
 pub mod cpuid;
 pub mod devices;
 pub mod dirty;
+pub mod disk_swap;
 pub mod layout;
 pub mod programs;
 pub mod snapshot;
@@ -575,6 +576,7 @@ impl Vm {
             };
             write(0, start.tag as u64)?;
             write(programs::MAILBOX_MARKER_EVERY, start.marker_every)?;
+            write(programs::MAILBOX_PASS_LIMIT, start.pass_limit)?;
             fds.push(fd);
         }
         Vm::assemble(config, sk, devices, fds, regions, cpuid0)

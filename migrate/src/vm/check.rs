@@ -521,6 +521,7 @@ mod tests {
             size_mib: 1,
             marker_every: 1,
             full_content: full,
+            passes: None,
         }
     }
 

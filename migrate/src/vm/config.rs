@@ -252,6 +252,11 @@ pub struct MemstressConfig {
     /// Fill whole pages with content derived from (page, pass) instead of incrementing byte 0.
     #[serde(default)]
     pub full_content: bool,
+    /// Stop after this many passes: the program then stops its vCPU (it stays stopped across
+    /// pauses, snapshots and moves, like a halted guest) and the memory keeps the last pass.
+    /// Absent: run forever.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub passes: Option<u64>,
 }
 
 impl MemstressConfig {

@@ -78,6 +78,37 @@ pub enum DevicesError {
         /// Sectors in the state.
         expected: u64,
     },
+    /// A disk index the VM does not have.
+    #[error("the VM has no disk {index}; it has {disks}")]
+    NoDisk {
+        /// The index asked for.
+        index: usize,
+        /// Disks the VM has.
+        disks: usize,
+    },
+    /// A replacement disk of another size than the disk it would replace.
+    #[error(
+        "disk {} has {found} sectors and cannot replace disk {index}, which has {expected}",
+        .path.display()
+    )]
+    ReplacementSize {
+        /// Disk index.
+        index: usize,
+        /// The replacement's top layer.
+        path: std::path::PathBuf,
+        /// Sectors of the replacement.
+        found: u64,
+        /// Sectors of the disk in place.
+        expected: u64,
+    },
+    /// A replacement disk that the guest could not write.
+    #[error("disk {} cannot replace disk {index}: it is open read-only", .path.display())]
+    ReadOnlyDisk {
+        /// Disk index.
+        index: usize,
+        /// The replacement's top layer.
+        path: std::path::PathBuf,
+    },
     /// The state has a different number of block devices than the configuration has disks.
     #[error(
         "the saved VM state has {state} block devices but the configuration has {config} disks"
@@ -522,6 +553,35 @@ impl Devices {
     /// The disk of block device `index`.
     pub fn disk(&self, index: usize) -> Option<Arc<Disk>> {
         self.blocks.get(index).map(|d| Arc::clone(lock(d).disk()))
+    }
+
+    /// Puts `disk` behind block device `index` in place of the disk it had, and returns the
+    /// old one. The block device's lock is held across the exchange, so a request runs
+    /// entirely on the old disk or entirely on the new one; the caller pauses the VM first
+    /// (see [`Vm::swap_disk`](super::Vm::swap_disk)) so that no request is in flight at all.
+    /// The new disk must be writable and have the same size as the old one.
+    pub fn replace_disk(&self, index: usize, disk: Arc<Disk>) -> Result<Arc<Disk>, DevicesError> {
+        let slot = self.blocks.get(index).ok_or(DevicesError::NoDisk {
+            index,
+            disks: self.blocks.len(),
+        })?;
+        let mut dev = lock(slot);
+        let found = disk.size() / 512;
+        if found != dev.state.capacity_sectors {
+            return Err(DevicesError::ReplacementSize {
+                index,
+                path: disk.path().to_path_buf(),
+                found,
+                expected: dev.state.capacity_sectors,
+            });
+        }
+        if !disk.is_writable() {
+            return Err(DevicesError::ReadOnlyDisk {
+                index,
+                path: disk.path().to_path_buf(),
+            });
+        }
+        Ok(std::mem::replace(&mut dev.disk, disk))
     }
 
     /// Number of block devices.

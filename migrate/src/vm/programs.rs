@@ -10,6 +10,7 @@
 //! | +8  | guest | memstress: passes completed; diskstress: last sequence number completed |
 //! | +16 | guest | diskstress: block device status of a failed request (0: none) |
 //! | +24 | VMM   | `marker_every` (reloaded by the guest after each marker) |
+//! | +32 | VMM   | memstress: pass limit (0: none); at the limit the program writes 0 to the control register, which stops its vCPU (`StopReason::GuestDone`) |
 //!
 //! Serial markers (one byte each, written to the serial port's MMIO THR): memstress on vCPU
 //! `i` writes `'A' + i % 26` every `marker_every` passes; diskstress writes `'a' + i % 26`
@@ -68,6 +69,8 @@ pub const MAILBOX_COUNTER: u64 = 8;
 pub const MAILBOX_ERROR: u64 = 16;
 /// Mailbox offset of `marker_every`.
 pub const MAILBOX_MARKER_EVERY: u64 = 24;
+/// Mailbox offset of memstress's pass limit.
+pub const MAILBOX_PASS_LIMIT: u64 = 32;
 
 /// Block device request opcodes (request struct +0).
 pub const BLOCK_OP_READ: u32 = 1;
@@ -166,12 +169,33 @@ fn memstress_code(ip: u64) -> Result<Vec<u8>, IcedError> {
     a.cmp(rax, rsi)?;
     a.jb(inner)?;
     a.inc(qword_ptr(r15 + MAILBOX_COUNTER))?;
+    a.mov(rdx, qword_ptr(r15 + MAILBOX_COUNTER))?;
+    pass_limit(&mut a, rdx)?;
     a.dec(rcx)?;
     a.jnz(outer)?;
     a.mov(rcx, qword_ptr(r15 + MAILBOX_MARKER_EVERY))?;
     a.mov(byte_ptr(r14), r13b)?;
     a.jmp(outer)?;
     a.assemble(ip)
+}
+
+/// Stops the vCPU for good once `passes` reached the mailbox's pass limit (if one is set):
+/// writes 0 to the control register, and again if ever resumed. Clobbers r11.
+fn pass_limit(a: &mut CodeAssembler, passes: AsmRegister64) -> Result<(), IcedError> {
+    let mut go_on = a.create_label();
+    let mut stop = a.create_label();
+    a.mov(r11, qword_ptr(r15 + MAILBOX_PASS_LIMIT))?;
+    a.test(r11, r11)?;
+    a.jz(go_on)?;
+    a.cmp(passes, r11)?;
+    a.jb(go_on)?;
+    a.mov(r11, CONTROL_MMIO)?;
+    a.set_label(&mut stop)?;
+    a.mov(dword_ptr(r11), 0)?;
+    a.jmp(stop)?;
+    a.set_label(&mut go_on)?;
+    a.nop()?;
+    Ok(())
 }
 
 fn memstress_full_code(ip: u64) -> Result<Vec<u8>, IcedError> {
@@ -208,6 +232,7 @@ fn memstress_full_code(ip: u64) -> Result<Vec<u8>, IcedError> {
     a.cmp(rax, rsi)?;
     a.jb(page)?;
     a.mov(qword_ptr(r15 + MAILBOX_COUNTER), r12)?;
+    pass_limit(&mut a, r12)?;
     a.dec(rcx)?;
     a.jnz(outer)?;
     a.mov(rcx, qword_ptr(r15 + MAILBOX_MARKER_EVERY))?;
@@ -296,6 +321,8 @@ pub struct ProgramStart {
     pub tag: ProgramTag,
     /// Mailbox +24.
     pub marker_every: u64,
+    /// Mailbox +32 (memstress pass limit, 0: none).
+    pub pass_limit: u64,
 }
 
 /// The resolved region of a diskstress program (block count known once the disk is open).
@@ -340,6 +367,7 @@ pub fn program_start(
                 regs,
                 tag,
                 marker_every: m.marker_every,
+                pass_limit: m.passes.unwrap_or(0),
             }
         }
         GuestProgram::Diskstress(DiskstressConfig {
@@ -365,6 +393,7 @@ pub fn program_start(
                 regs,
                 tag: ProgramTag::Diskstress,
                 marker_every: *marker_every,
+                pass_limit: 0,
             }
         }
         GuestProgram::Idle => ProgramStart {
@@ -373,6 +402,7 @@ pub fn program_start(
             regs,
             tag: ProgramTag::Idle,
             marker_every: 0,
+            pass_limit: 0,
         },
     }
 }

@@ -92,6 +92,8 @@ pub enum StopReason {
     TripleFault,
     /// The guest program wrote this status to the control register.
     GuestFailed(u32),
+    /// The guest program finished (it wrote 0 to the control register), like a halted guest.
+    GuestDone,
     /// KVM could not enter the guest.
     FailEntry(u64),
     /// KVM reported an internal error (e.g. an instruction it cannot emulate).
@@ -108,6 +110,7 @@ impl std::fmt::Display for StopReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             StopReason::TripleFault => f.write_str("the guest triple-faulted"),
+            StopReason::GuestDone => f.write_str("the guest program finished"),
             StopReason::GuestFailed(s) => {
                 write!(
                     f,
@@ -451,7 +454,11 @@ impl VcpuThread {
                 VcpuExit::MmioWrite(addr, data) => {
                     pending = true;
                     if let BusOutcome::GuestFailed(status) = devices.mmio_write(addr, data) {
-                        stop = Some(StopReason::GuestFailed(status));
+                        stop = Some(if status == 0 {
+                            StopReason::GuestDone
+                        } else {
+                            StopReason::GuestFailed(status)
+                        });
                     }
                 }
                 VcpuExit::MmioRead(addr, data) => {
