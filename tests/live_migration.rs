@@ -686,3 +686,168 @@ fn links_lost_during_the_handoff_never_leave_two_vms() {
     src.say("quit");
     assert_eq!(src.exit_code(Duration::from_secs(10)), 3);
 }
+
+/// A raw authenticated link to the destination as alice: what a hostile but authenticated
+/// peer could send.
+fn raw_link(to: SocketAddr) -> vmgate_migrate::engine::Link {
+    use vmgate_auth::channel::ClientSettings;
+    use vmgate_auth::krb::{AuthFacts, UserCredential};
+    use vmgate_auth::tls::TlsContext;
+    let e = chan::env();
+    let cc = chan::user_ccache("alice", &format!("hostile-{}", chan::unique()));
+    let cred = UserCredential::from_ccache(cc.to_str().unwrap()).unwrap();
+    let settings = ClientSettings {
+        tls: TlsContext::ephemeral().unwrap(),
+        realm: e.realm.clone(),
+        handshake_timeout: Duration::from_secs(10),
+        local_host: None,
+    };
+    let d = vmgate::host::ChannelDialer::new(
+        settings,
+        to,
+        chan::spn("hv2").parse().unwrap(),
+        cred,
+        AuthFacts::default(),
+    );
+    d.connect().expect("alice connects")
+}
+
+fn frame(m: &vmgate_migrate::protocol::Message<'_>) -> Vec<u8> {
+    let mut out = Vec::new();
+    m.encode(vmgate_migrate::protocol::ProtocolVersion::CURRENT, &mut out)
+        .unwrap();
+    out
+}
+
+fn hello(session: u8) -> Vec<u8> {
+    use vmgate_migrate::protocol::{Hello, Message, ProtocolVersion, Purpose, SessionId};
+    frame(&Message::Hello(Hello {
+        version: ProtocolVersion::CURRENT,
+        software: "hostile 1.0".into(),
+        session: SessionId([session; 16]),
+        purpose: Purpose::Move,
+        channel: 0,
+        channels: 1,
+    }))
+}
+
+/// Sends `bytes` (optionally closing after), then reads until the destination closes;
+/// returns what came back.
+fn hostile(to: SocketAddr, bytes: &[u8], close_after: bool) -> Vec<u8> {
+    let mut link = raw_link(to);
+    let _ = link.writer.write_all(bytes);
+    let _ = link.writer.flush();
+    if close_after {
+        drop(link.writer);
+        link.closer.close();
+        return Vec::new();
+    }
+    let mut back = Vec::new();
+    let _ = link.reader.take(1 << 20).read_to_end(&mut back);
+    back
+}
+
+/// The texts of the Error frames in `back`.
+fn error_texts(back: &[u8]) -> Vec<String> {
+    use vmgate_migrate::protocol::{Decoded, Message, decode_frame};
+    let mut rest = back;
+    let mut texts = Vec::new();
+    while let Ok(Decoded::Frame { frame, consumed }) = decode_frame(rest) {
+        if let Message::Error(e) = frame.message {
+            texts.push(e.message.to_string());
+        }
+        rest = rest.get(consumed..).unwrap_or_default();
+    }
+    texts
+}
+
+#[test]
+fn hostile_frames_from_an_authenticated_peer_are_refused_without_harm() {
+    use vmgate_migrate::protocol::{Decoded, Message, decode_frame};
+    let (mut dest, addr, _dir) = destination("hostile", &[]);
+    let base = dest.ask("status", "status")["rss_kib"].as_u64().unwrap();
+    let error_back = |back: &[u8], what: &str| match decode_frame(back) {
+        Ok(Decoded::Frame { frame, .. }) => match frame.message {
+            Message::Error(e) => e.message.to_string(),
+            other => panic!("{what}: the destination answered {other:?}"),
+        },
+        other => panic!(
+            "{what}: no Error frame back ({} bytes): {other:?}",
+            back.len()
+        ),
+    };
+
+    // Garbage instead of a frame.
+    let back = hostile(addr, &[0x55; 64], false);
+    let m = error_back(&back, "garbage");
+    assert!(m.contains("magic"), "{m}");
+
+    // A header announcing 4 GiB: refused from the header, nothing allocated.
+    let mut huge = hello(1);
+    huge[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+    let back = hostile(addr, &huge[..12], false);
+    let m = error_back(&back, "oversized");
+    assert!(m.contains("at most"), "{m}");
+
+    // An unknown message type.
+    let mut unknown = hello(2);
+    unknown[4..6].copy_from_slice(&0xfff0u16.to_le_bytes());
+    let back = hostile(addr, &unknown, false);
+    let m = error_back(&back, "unknown type");
+    assert!(m.contains("type"), "{m}");
+
+    // A truncated frame, then the connection ends.
+    let h = hello(3);
+    hostile(addr, &h[..h.len() - 5], true);
+
+    // A replayed Hello inside a move.
+    let mut two = hello(4);
+    two.extend_from_slice(&hello(4));
+    let texts = error_texts(&hostile(addr, &two, false));
+    assert!(
+        texts.iter().any(|t| t.contains("Hello")),
+        "replayed Hello: {texts:?}"
+    );
+
+    // A page beyond the VM's memory after a valid configuration.
+    let cfg = vmgate_migrate::vm::VmConfig::from_toml(
+        "name = \"victim\"\nmemory_mib = 64\nvcpus = 1\n",
+        None,
+    )
+    .unwrap();
+    let cpuid = vmgate_migrate::vm::Vm::create(cfg.clone(), &Default::default())
+        .unwrap()
+        .guest_cpuid()
+        .to_vec();
+    let mut seq = hello(5);
+    seq.extend_from_slice(&frame(
+        &vmgate_migrate::engine::MoveDocument::message(&cfg, &cpuid).unwrap(),
+    ));
+    let mut enc = vmgate_migrate::protocol::BatchEncoder::new(
+        vmgate_migrate::protocol::ProtocolVersion::CURRENT,
+        vmgate_migrate::protocol::Compression::None,
+    )
+    .unwrap();
+    enc.begin_memory(1);
+    enc.push(1 << 20, &[7u8; 4096]).unwrap();
+    seq.extend_from_slice(enc.finish().unwrap());
+    let texts = error_texts(&hostile(addr, &seq, false));
+    assert!(
+        texts.iter().any(|t| t.contains("page")),
+        "out-of-range page: {texts:?}"
+    );
+
+    // The destination is still there, holds nothing, and did not grow.
+    assert!(dest.alive());
+    assert_nothing_at(&mut dest, &[]);
+    let after = dest.ask("status", "status")["rss_kib"].as_u64().unwrap();
+    assert!(
+        after < base + 64 * 1024,
+        "the destination grew from {base} KiB to {after} KiB"
+    );
+    assert!(
+        dest.count(|v| v["event"] == "ended" || v["event"] == "discarded") >= 5,
+        "every hostile connection ended: {:#?}",
+        dest.all()
+    );
+}

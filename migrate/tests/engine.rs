@@ -214,3 +214,45 @@ fn hostile_frames_are_refused_without_harm() {
     ));
     assert_eq!(dest.active(), 0);
 }
+
+#[test]
+fn a_guest_that_finished_its_work_moves_and_stays_finished() {
+    require_kvm();
+    let (addr, results, _d) = destination(DestinationOptions::default());
+    let config = VmConfig::from_toml(
+        r#"
+name = "filled"
+memory_mib = 128
+vcpus = 1
+[[vcpu]]
+program = "memstress"
+start_mib = 8
+size_mib = 64
+full_content = true
+passes = 2
+"#,
+        None,
+    )
+    .unwrap();
+    let vm = Vm::create(config, &VmOptions::default()).unwrap();
+    vm.resume().unwrap();
+    wait_passes(&vm, 2);
+    let (r, _) = move_vm(&vm, addr, &MoveOptions::default(), &CancelToken::new());
+    let stats = r.unwrap_or_else(|e| panic!("move failed: {e}"));
+    // 64 MiB of pseudo-random content: nothing compresses, nothing is zero.
+    assert!(stats.pages_sent >= 16384, "{stats:?}");
+    drop(vm);
+    let Received::Vm(got) = results.recv_timeout(Duration::from_secs(30)).unwrap() else {
+        panic!("the destination did not get the VM");
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        got.vm.mailbox(0).unwrap().counter,
+        2,
+        "the guest ran past its last pass"
+    );
+    got.vm.pause().unwrap();
+    for r in check_vm(&got.vm).unwrap() {
+        assert!(r.ok, "{r:?}");
+    }
+}

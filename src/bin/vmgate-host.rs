@@ -294,7 +294,12 @@ fn receive(cmd: Cmd) -> ExitCode {
         ldap_ca: None,
         networks,
     };
-    let (settings, _dir) = match server_settings(&id, &admit, Duration::from_secs(10)) {
+    let (settings, _dir) = match server_settings(
+        &id,
+        &admit,
+        Duration::from_secs(10),
+        vmgate_auth::channel::DEFAULT_MAX_HANDSHAKES,
+    ) {
         Ok(x) => x,
         Err(e) => return fail(e),
     };

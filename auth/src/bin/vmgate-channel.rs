@@ -29,15 +29,14 @@ use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::{Value, json};
 
 use vmgate_auth::Diagnosis;
-use vmgate_auth::authz::{Authorizer, LdapGroups, LdapSource};
+use vmgate_auth::authz::LdapGroups;
 use vmgate_auth::channel::{
     self, ChannelError, ClientSettings, ConnectRequest, Gateway, Message, Purpose, Route,
-    ServerChannel, ServerSettings, Target,
+    ServerChannel, Target,
 };
 use vmgate_auth::delegation::AuthType;
-use vmgate_auth::directory::{Bind, DirectoryConfig};
+use vmgate_auth::host::{Admission, HostIdentity, server_settings};
 use vmgate_auth::krb::{AuthFacts, HostCredentials, Principal, UserCredential};
-use vmgate_auth::netfilter::NetworkFilter;
 use vmgate_auth::spn::Spn;
 use vmgate_auth::tls::{TlsContext, TlsSession};
 
@@ -253,10 +252,6 @@ fn serve(cmd: Cmd) -> ExitCode {
     };
     let host_name = spn.host().split('.').next().unwrap_or("host").to_owned();
     let account = account.unwrap_or_else(|| default_account(&spn));
-    let account = match Principal::parse(&account, Some(&realm)) {
-        Ok(p) => p,
-        Err(e) => return fail(e),
-    };
     let ccache_dir = ccache_dir.unwrap_or_else(|| {
         std::env::temp_dir().join(format!(
             "vmgate-channel-{}-{}",
@@ -265,70 +260,32 @@ fn serve(cmd: Cmd) -> ExitCode {
         ))
     });
     // The directory client's GSSAPI bind uses this process's Kerberos credentials: point them at
-    // the host's keytab and a private cache (each host is its own process).
-    let ldap_ccache = ccache_dir.join("ldap.ccache");
-    // The host's own Kerberos identity binds to LDAP. `ldap://` gets a sealed GSSAPI bind;
-    // `ldaps://` goes through the directory client. Either way ask for `ldap/<the URL's host>`:
-    // a DC reached by address has the SPN `ldap/<address>` (the test domain registers it).
-    let directory: Option<Arc<LdapGroups>> = ldap_url.map(|url| {
-        let host = url_host(&url).unwrap_or_default();
-        let timeout = Duration::from_secs(5);
-        let source = if url.starts_with("ldap://") {
-            LdapSource::SealedGssapi {
-                url,
-                spn_host: host,
-                timeout,
-            }
-        } else {
-            let mut c = DirectoryConfig::new(url, ldap_ca, Bind::Gssapi);
-            c.timeout = timeout;
-            c.gssapi_host = Some(host);
-            LdapSource::Directory(c)
-        };
-        Arc::new(LdapGroups::with_source(source))
-    });
-    if directory.is_some() {
-        set_process_kerberos_env(&keytab, &ldap_ccache);
+    // the host's keytab and a private cache (each host is its own process). `ldap://` gets a
+    // sealed GSSAPI bind as `ldap/<the URL's host>` (see `vmgate_auth::host`).
+    if ldap_url.is_some() {
+        set_process_kerberos_env(&keytab, &ccache_dir.join("ldap.ccache"));
     }
-    let creds = match HostCredentials::new(&keytab, account, &ccache_dir) {
-        Ok(c) => c,
-        Err(e) => return fail(e),
+    let id = HostIdentity {
+        keytab,
+        account,
+        realm: realm.clone(),
+        spn: spn.clone(),
+        ccache_dir,
     };
-    let filter = match NetworkFilter::parse_list(networks.iter().map(String::as_str)) {
-        Ok(f) => f,
-        Err(e) => return fail(e),
-    };
-    let mut authorizer = Authorizer::new(host_name.clone());
-    for a in &allow {
-        match Principal::parse(a, Some(&realm)) {
-            Ok(p) => authorizer = authorizer.allow_principal(p),
-            Err(e) => return fail(e),
-        }
-    }
-    if !allow_group.is_empty() {
-        let Some(groups) = directory.clone() else {
-            return fail("--allow-group needs --ldap-url (or VMGATE_LDAP_URL)");
-        };
-        for g in &allow_group {
-            authorizer = authorizer.allow_group(g.clone(), groups.clone());
-        }
-    }
-    let tls = match TlsContext::ephemeral() {
-        Ok(t) => t,
-        Err(e) => return fail(e),
+    let admit = Admission {
+        principals: allow,
+        groups: allow_group,
+        ldap_url,
+        ldap_ca,
+        networks,
     };
     let timeout = Duration::from_millis(timeout_ms);
-    let settings = ServerSettings {
-        host_name: host_name.clone(),
-        realm: realm.clone(),
-        tls: tls.clone(),
-        credentials: creds.clone(),
-        filter,
-        authorizer,
-        handshake_timeout: timeout,
-        max_handshakes,
-        service_spn: Some(spn.clone()),
+    let (settings, directory) = match server_settings(&id, &admit, timeout, max_handshakes) {
+        Ok(x) => x,
+        Err(e) => return fail(e),
     };
+    let tls = settings.tls.clone();
+    let creds = settings.credentials.clone();
     let relay = match (relay_to, relay_spn) {
         (Some(to), Some(spn)) => Some(Arc::new(Relay {
             to,
@@ -365,17 +322,6 @@ fn serve(cmd: Cmd) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(format!("accept failed: {e}")),
     }
-}
-
-/// The host part of `ldaps://host[:port][/...]`.
-fn url_host(url: &str) -> Option<String> {
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    let hostport = rest.split('/').next().unwrap_or(rest);
-    let host = match hostport.strip_prefix('[') {
-        Some(v6) => v6.split(']').next().unwrap_or(v6),
-        None => hostport.rsplit_once(':').map_or(hostport, |(h, _)| h),
-    };
-    (!host.is_empty()).then(|| host.to_owned())
 }
 
 /// Sets KRB5_CLIENT_KTNAME and KRB5CCNAME for this process (for the LDAP GSSAPI bind).

@@ -963,9 +963,19 @@ impl Transfer {
         Ok(())
     }
 
+    /// The final round is announced on channel 0 before its data there, so channel 0 must
+    /// not have ended it. A parallel channel is a separate stream: its part of the final
+    /// round may have ended before channel 0's SwitchoverBegin is read here, but nothing of
+    /// the round after it may have arrived.
     fn on_switchover(&mut self, final_round: u32) -> Result<(), ProtocolError> {
         for (i, c) in self.chans.iter().enumerate() {
-            if c.round > final_round {
+            let limit = if i == 0 {
+                final_round
+            } else {
+                final_round.saturating_add(1)
+            };
+            let started_next = c.round == limit && i != 0 && (c.batches > 0 || c.blocks > 0);
+            if c.round > limit || started_next {
                 return Err(ProtocolError::FinalRoundPassed {
                     final_round,
                     channel: u16::try_from(i).unwrap_or(u16::MAX),
@@ -1564,6 +1574,40 @@ mod tests {
             ProtocolError::FinalRoundPassed {
                 final_round: 2,
                 channel: 0
+            }
+        ));
+    }
+
+    #[test]
+    fn a_parallel_channel_may_end_the_final_round_before_switchover_is_read() {
+        let s = receiving_three_channels();
+        let s = ok(s, 0, &round_end(1, 0, 0)).state;
+        let s = ok(s, 1, &round_end(1, 0, 0)).state;
+        let s = ok(s, 2, &round_end(1, 0, 0)).state;
+        // Channel 1's (empty) part of round 2 ends before channel 0 announces round 2 as final.
+        let s = ok(s, 1, &round_end(2, 0, 0)).state;
+        let s = ok(
+            s,
+            0,
+            &frame(Message::SwitchoverBegin(SwitchoverBegin { final_round: 2 })),
+        )
+        .state;
+        assert!(matches!(s, ReceiverState::SwitchingOver(_)));
+        // A channel already two rounds on is past the final round.
+        let s = receiving_three_channels();
+        let s = ok(s, 1, &round_end(1, 0, 0)).state;
+        let s = ok(s, 1, &round_end(2, 0, 0)).state;
+        let s = ok(s, 1, &round_end(3, 0, 0)).state;
+        let r = rejected(
+            s,
+            0,
+            &frame(Message::SwitchoverBegin(SwitchoverBegin { final_round: 1 })),
+        );
+        assert!(matches!(
+            r.error,
+            ProtocolError::FinalRoundPassed {
+                final_round: 1,
+                channel: 1
             }
         ));
     }

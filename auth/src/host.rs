@@ -1,0 +1,116 @@
+//! A host's gateway settings from its identity (keytab, account, SPN) and its admission rules
+//! (principals, AD groups through the directory, networks): what `vmgate-channel serve`,
+//! `vmgate-host receive` and `vmgated` all build.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::authz::{Authorizer, LdapGroups, LdapSource};
+use crate::channel::ServerSettings;
+use crate::directory::{Bind, DirectoryConfig};
+use crate::krb::{HostCredentials, Principal};
+use crate::netfilter::NetworkFilter;
+use crate::spn::Spn;
+use crate::tls::TlsContext;
+
+/// What a host serving migrations is.
+#[derive(Debug, Clone)]
+pub struct HostIdentity {
+    /// The keytab with the account's and the migration SPNs' keys.
+    pub keytab: PathBuf,
+    /// The host account (`HV2$`).
+    pub account: String,
+    /// The realm.
+    pub realm: String,
+    /// The host's migration SPN (FQDN form).
+    pub spn: Spn,
+    /// Folder for the host's private credential caches.
+    pub ccache_dir: PathBuf,
+}
+
+/// Who may connect.
+#[derive(Debug, Clone, Default)]
+pub struct Admission {
+    /// Principals allowed.
+    pub principals: Vec<String>,
+    /// AD groups whose (nested) members are allowed.
+    pub groups: Vec<String>,
+    /// LDAP URL for the group lookups (`ldap://DC` binds with GSSAPI sealing).
+    pub ldap_url: Option<String>,
+    /// CA for `ldaps://`.
+    pub ldap_ca: Option<PathBuf>,
+    /// Allowed source networks (CIDR or "any").
+    pub networks: Vec<String>,
+}
+
+/// The gateway settings, and the directory used for group lookups (if any).
+pub fn server_settings(
+    id: &HostIdentity,
+    admit: &Admission,
+    handshake_timeout: Duration,
+    max_handshakes: usize,
+) -> Result<(ServerSettings, Option<Arc<LdapGroups>>), String> {
+    let host_name = id.spn.host().split('.').next().unwrap_or("host").to_owned();
+    let account = Principal::parse(&id.account, Some(&id.realm)).map_err(|e| e.to_string())?;
+    let directory: Option<Arc<LdapGroups>> = admit.ldap_url.as_ref().map(|url| {
+        let host = url_host(url).unwrap_or_default();
+        let timeout = Duration::from_secs(5);
+        let source = if url.starts_with("ldap://") {
+            LdapSource::SealedGssapi {
+                url: url.clone(),
+                spn_host: host,
+                timeout,
+            }
+        } else {
+            let mut c = DirectoryConfig::new(url.clone(), admit.ldap_ca.clone(), Bind::Gssapi);
+            c.timeout = timeout;
+            c.gssapi_host = Some(host);
+            LdapSource::Directory(c)
+        };
+        Arc::new(LdapGroups::with_source(source))
+    });
+    let creds =
+        HostCredentials::new(&id.keytab, account, &id.ccache_dir).map_err(|e| e.to_string())?;
+    let filter = NetworkFilter::parse_list(admit.networks.iter().map(String::as_str))
+        .map_err(|e| e.to_string())?;
+    let mut authorizer = Authorizer::new(host_name.clone());
+    for a in &admit.principals {
+        let p = Principal::parse(a, Some(&id.realm)).map_err(|e| e.to_string())?;
+        authorizer = authorizer.allow_principal(p);
+    }
+    if !admit.groups.is_empty() {
+        let Some(groups) = directory.clone() else {
+            return Err("admitting AD groups needs an LDAP URL".into());
+        };
+        for g in &admit.groups {
+            authorizer = authorizer.allow_group(g.clone(), groups.clone());
+        }
+    }
+    let tls = TlsContext::ephemeral().map_err(|e| e.to_string())?;
+    Ok((
+        ServerSettings {
+            host_name,
+            realm: id.realm.clone(),
+            tls,
+            credentials: creds,
+            filter,
+            authorizer,
+            handshake_timeout,
+            max_handshakes,
+            service_spn: Some(id.spn.clone()),
+        },
+        directory,
+    ))
+}
+
+/// The host part of `ldaps://host[:port][/...]`.
+pub fn url_host(url: &str) -> Option<String> {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let hostport = rest.split('/').next().unwrap_or(rest);
+    let host = match hostport.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(v6),
+        None => hostport.rsplit_once(':').map_or(hostport, |(h, _)| h),
+    };
+    (!host.is_empty()).then(|| host.to_owned())
+}
