@@ -12,7 +12,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use vm_common::{require_kvm, s, tool};
+use vm_common::{qcow2_on, require_kvm, s, tool};
 use vmgate_migrate::disk::{Disk, DiskFormat, DiskSpec};
 use vmgate_migrate::storage::local::{
     LocalMoveError, LocalMoveOptions, MovePhase, MoveProgress, move_storage,
@@ -284,40 +284,14 @@ fn three_layers(dir: &Path, top_name: &str) -> (PathBuf, PathBuf) {
             "qemu-io",
             &["-f", "raw", "-c", "write -P 0x11 8M 64k", s(&base)],
         );
-        tool(
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-b",
-                "base.raw",
-                "-F",
-                "raw",
-                s(&mid),
-            ],
-        );
+        qcow2_on(&mid, "base.raw", "raw");
         tool(
             "qemu-io",
             &["-f", "qcow2", "-c", "write -P 0x22 12M 64k", s(&mid)],
         );
     }
     let top = dir.join(top_name);
-    tool(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            s(&mid),
-            "-F",
-            "qcow2",
-            s(&top),
-        ],
-    );
+    qcow2_on(&top, s(&mid), "qcow2");
     (mid, top)
 }
 
@@ -824,39 +798,13 @@ fn a_destination_that_fills_up_while_parents_are_copied_keeps_nothing() {
     let base = src.join("base.raw");
     std::fs::write(&base, vec![0x33u8; 4 << 20]).unwrap();
     let mid = src.join("mid.qcow2");
-    tool(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.raw",
-            "-F",
-            "raw",
-            s(&mid),
-        ],
-    );
+    qcow2_on(&mid, "base.raw", "raw");
     tool(
         "qemu-io",
         &["-f", "qcow2", "-c", "write -P 0x44 2M 2M", s(&mid)],
     );
     let top = src.join("top.qcow2");
-    tool(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "mid.qcow2",
-            "-F",
-            "qcow2",
-            s(&top),
-        ],
-    );
+    qcow2_on(&top, "mid.qcow2", "qcow2");
     let vm = vm_with_disk(dir.path(), &top, "qcow2", 64);
     vm.resume().unwrap();
     wait_writes(&vm, 100);

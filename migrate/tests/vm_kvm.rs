@@ -7,7 +7,7 @@ mod vm_common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use vm_common::{count_byte, require_kvm, s, tool};
+use vm_common::{count_byte, qcow2_on, require_kvm, s, tool};
 use vmgate_migrate::disk::{Disk, DiskFormat, DiskSpec};
 use vmgate_migrate::vm::check::{check_staircase, check_vm};
 use vmgate_migrate::vm::{
@@ -345,38 +345,12 @@ fn qcow2_three_layer_chain_guest_writes_land_in_the_top_layer() {
         "qemu-io",
         &["-f", "qcow2", "-c", "write -P 0x11 8M 64k", s(&base)],
     );
-    tool(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            s(&mid),
-        ],
-    );
+    qcow2_on(&mid, "base.qcow2", "qcow2");
     tool(
         "qemu-io",
         &["-f", "qcow2", "-c", "write -P 0x22 12M 64k", s(&mid)],
     );
-    tool(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "mid.qcow2",
-            "-F",
-            "qcow2",
-            s(&top),
-        ],
-    );
+    qcow2_on(&top, "mid.qcow2", "qcow2");
     let sum = |p: &Path| tool("sha256sum", &[s(p)]);
     let (base_sum, mid_sum) = (sum(&base), sum(&mid));
 

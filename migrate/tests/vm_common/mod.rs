@@ -103,3 +103,21 @@ pub fn checks(json: &serde_json::Value) -> Vec<(String, bool, String)> {
         })
         .collect()
 }
+
+/// `qemu-img create -f qcow2 PATH` on `backing` (as written into the image) of `backing_format`.
+pub fn qcow2_on(path: &Path, backing: &str, backing_format: &str) {
+    tool(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            backing,
+            "-F",
+            backing_format,
+            s(path),
+        ],
+    );
+}
