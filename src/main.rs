@@ -14,17 +14,28 @@
 //! Exit codes: 0 success (or a clean stop), 1 the daemon could not start (permissions, socket,
 //! event log), 2 a bad configuration (`--check` included) or bad usage.
 
+use std::collections::HashMap;
+use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use clap::Parser;
 use nix::sys::signal::{SigSet, Signal};
 
 use vmgate::daemon::config::Config;
-use vmgate::daemon::events::Event;
-use vmgate::daemon::local::{BasicHandler, ControlHandler};
+use vmgate::daemon::events::{Event, EventLog, MoveKind, MovePhase};
+use vmgate::daemon::local::{
+    BasicHandler, ControlHandler, LocalPeer, Replies, Request, Response, VmSummary,
+};
 use vmgate::daemon::{Daemon, notify_ready};
+use vmgate::host::server::{Admission, HostIdentity, server_settings};
+use vmgate::host::stream_link;
+use vmgate_auth::channel::Gateway;
+use vmgate_migrate::engine::{
+    Destination, DestinationOptions, Received, ReceivedEvent, ReceivedVm,
+};
 
 /// Exit code: the daemon could not start.
 const EXIT_START: u8 = 1;
@@ -63,21 +74,173 @@ fn set_kerberos_environment(config: &Config) {
     }
 }
 
-/// Where the lead's migration gateway starts: TCP listeners on `config.listen`, the network
-/// filter from `config.migration`, TLS + Kerberos (`vmgate::host`), dispatch to the engine. It
-/// runs on its own threads and returns once listening. Not wired yet: the control socket is the
-/// only way in.
+/// The VMs that moved here (they run in this process).
+type Arrived = Arc<Mutex<Vec<(ReceivedVm, String)>>>;
+
+/// The migration gateway: TCP listeners on `config.listen`, the incoming-network filter from
+/// `config.migration`, TLS + Kerberos + channel binding, authorization of the *user* by the
+/// admin group (recursively, through the directory), then the migration engine's destination.
+/// It runs on its own threads and returns once listening. With migrations disabled nothing
+/// listens for moves.
 fn start_migration_listener(
     daemon: &Daemon,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let _ = daemon;
-    Ok(())
+) -> Result<Arrived, Box<dyn std::error::Error + Send + Sync>> {
+    let arrived: Arrived = Arc::default();
+    let cfg = &daemon.config;
+    if !cfg.migration.enabled {
+        return Ok(arrived);
+    }
+    let [_, spn] = cfg.migration_spns()?;
+    let id = HostIdentity {
+        keytab: cfg.keytab.clone(),
+        account: cfg.account.clone(),
+        realm: cfg.realm.clone(),
+        spn,
+        ccache_dir: cfg.state_dir.join("ccache"),
+    };
+    let admit = Admission {
+        principals: Vec::new(),
+        groups: vec![cfg.admin_group.clone()],
+        ldap_url: Some(cfg.directory.url.clone()),
+        ldap_ca: cfg.directory.ca_file.clone(),
+        networks: vec!["any".into()],
+    };
+    let (mut settings, _groups) = server_settings(
+        &id,
+        &admit,
+        Duration::from_secs(10),
+        vmgate_auth::channel::DEFAULT_MAX_HANDSHAKES,
+    )?;
+    settings.filter = cfg.migration.network_filter();
+    let events = daemon.events.clone();
+    let host = cfg.fqdn.clone();
+    let peers: Arc<Mutex<HashMap<String, String>>> = Arc::default();
+    let dest = Arc::new(Destination::new(DestinationOptions {
+        on_event: Box::new(move |e| migration_event(&events, &host, &peers, e)),
+        ..DestinationOptions::default()
+    }));
+    for addr in &cfg.listen {
+        let listener =
+            TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        let gw = Gateway::new(settings.clone());
+        let dest = Arc::clone(&dest);
+        let arrived = Arc::clone(&arrived);
+        std::thread::Builder::new()
+            .name("vmgated-gateway".into())
+            .spawn(move || {
+                let served = gw.serve(&listener, move |r| {
+                    let Ok(ch) = r else {
+                        // Refused before the engine (network, Kerberos, authorization): the
+                        // peer got the diagnosis; the gateway logged it.
+                        return;
+                    };
+                    let (stream, peer, _authorized, _purpose) = ch.into_parts();
+                    let who = format!("{} from {}", peer.principal(), peer.addr());
+                    let Ok(link) = stream_link(stream, who.clone()) else {
+                        return;
+                    };
+                    if let Received::Vm(v) = dest.handle(link) {
+                        arrived
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .push((*v, who));
+                    }
+                });
+                if let Err(e) = served {
+                    eprintln!("vmgated: the migration listener stopped: {e}");
+                }
+            })?;
+    }
+    Ok(arrived)
 }
 
-/// The control-socket dispatcher: today `version` and `host_show`; VM, move and job requests
-/// join here.
-fn control_handler(daemon: &Daemon) -> Arc<dyn ControlHandler> {
-    Arc::new(BasicHandler::new(daemon.host_info()))
+/// The destination's lifecycle events, as the event log's stable ids.
+fn migration_event(
+    events: &EventLog,
+    host: &str,
+    peers: &Mutex<HashMap<String, String>>,
+    e: ReceivedEvent,
+) {
+    let mut peers = peers.lock().unwrap_or_else(PoisonError::into_inner);
+    match e {
+        ReceivedEvent::Started { session, peer } => {
+            peers.insert(session.to_string(), peer);
+        }
+        ReceivedEvent::Checked {
+            session,
+            vm,
+            refused,
+        } => {
+            let job = session.to_string();
+            let peer = peers.get(&job).cloned().unwrap_or_default();
+            let (user, source) = peer.split_once(" from ").unwrap_or(("", &peer));
+            if refused.is_empty() {
+                events.emit(Event::MigrationStarted {
+                    job,
+                    vm,
+                    kind: MoveKind::Live,
+                    source: source.to_owned(),
+                    destination: host.to_owned(),
+                    user: user.to_owned(),
+                });
+            } else {
+                events.emit(generic_failure(job, vm, refused.join("; ")));
+            }
+        }
+        ReceivedEvent::Resumed { session, vm } => {
+            peers.remove(&session.to_string());
+            events.emit(Event::MigrationPhase {
+                job: session.to_string(),
+                vm,
+                phase: MovePhase::Handoff,
+            });
+        }
+        ReceivedEvent::Discarded { session, reason } => {
+            peers.remove(&session.to_string());
+            events.emit(generic_failure(session.to_string(), String::new(), reason));
+        }
+    }
+}
+
+/// A move that failed for a reason without its own Windows code (E_FAIL, as Hyper-V's
+/// generic migration failure), with the engine's cause.
+fn generic_failure(job: String, vm: String, cause: String) -> Event {
+    Event::MigrationFailed {
+        job,
+        vm,
+        code: "0x80004005".into(),
+        code_name: "E_FAIL".into(),
+        cause,
+        fix: None,
+    }
+}
+
+/// The control-socket dispatcher: `vm_list` from the VMs that moved here; `version` and
+/// `host_show` from the basic handler.
+fn control_handler(daemon: &Daemon, arrived: Arrived) -> Arc<dyn ControlHandler> {
+    let basic = BasicHandler::new(daemon.host_info());
+    Arc::new(
+        move |peer: &LocalPeer, request: Request, replies: &mut Replies<'_>| match request {
+            Request::VmList => {
+                let list = arrived.lock().unwrap_or_else(PoisonError::into_inner);
+                let vms = list
+                    .iter()
+                    .map(|(v, who)| {
+                        let c = v.vm.config();
+                        VmSummary {
+                            name: c.name.clone(),
+                            state: if v.vm.running() { "running" } else { "paused" }.into(),
+                            memory_mib: c.memory_mib,
+                            vcpus: c.vcpus,
+                            origin: format!("moved here by {who}"),
+                        }
+                    })
+                    .collect();
+                Response::Vms { vms }
+            }
+            other => basic.handle(peer, other, replies),
+        },
+    )
 }
 
 fn main() -> ExitCode {
@@ -123,11 +286,14 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_START);
         }
     };
-    if let Err(e) = start_migration_listener(&daemon) {
-        eprintln!("vmgated: cannot start the migration listener: {e}");
-        return ExitCode::from(EXIT_START);
-    }
-    let handler = control_handler(&daemon);
+    let arrived = match start_migration_listener(&daemon) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("vmgated: cannot start the migration listener: {e}");
+            return ExitCode::from(EXIT_START);
+        }
+    };
+    let handler = control_handler(&daemon, arrived);
     let version = vmgate::daemon::local::VersionInfo::current();
     daemon.events.emit(Event::DaemonStarted {
         version: version.daemon.clone(),

@@ -190,6 +190,8 @@ pub enum Request {
     Version,
     /// The host's settings and SPN state (Hyper-V: `Get-VMHost`).
     HostShow,
+    /// The VMs this host runs (Hyper-V: `Get-VM`).
+    VmList,
     /// The caller's forwarded TGT ("logged on to the source"): the content of a ccache file
     /// holding a forwardable TGT of the caller. Served by the move glue (not this module).
     ForwardCredential {
@@ -204,6 +206,7 @@ impl Request {
         match self {
             Request::Version => "version",
             Request::HostShow => "host_show",
+            Request::VmList => "vm_list",
             Request::ForwardCredential { .. } => "forward_credential",
         }
     }
@@ -279,6 +282,21 @@ pub struct ErrorReply {
     pub message: String,
 }
 
+/// One VM in a `vm_list` answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSummary {
+    /// The VM's name.
+    pub name: String,
+    /// `running`, or `paused`.
+    pub state: String,
+    /// Memory, MiB.
+    pub memory_mib: u64,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// How it came here (`moved from <host> by <user>`).
+    pub origin: String,
+}
+
 /// A response line.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
@@ -287,6 +305,11 @@ pub enum Response {
     Version(VersionInfo),
     /// Answer to `host_show`.
     Host(Box<HostInfo>),
+    /// Answer to `vm_list`.
+    Vms {
+        /// The VMs, by name.
+        vms: Vec<VmSummary>,
+    },
     /// The request was carried out (no data to return).
     Done {
         /// What was done, for people.
