@@ -25,17 +25,20 @@ use clap::Parser;
 use nix::sys::signal::{SigSet, Signal};
 
 use vmgate::daemon::config::Config;
+use vmgate::daemon::config::Performance;
 use vmgate::daemon::events::{Event, EventLog, MoveKind, MovePhase};
 use vmgate::daemon::local::{
-    BasicHandler, ControlHandler, LocalPeer, Replies, Request, Response, VmSummary,
+    BasicHandler, ControlHandler, ErrorCode, LocalPeer, Replies, Request, Response,
 };
 use vmgate::daemon::{Daemon, notify_ready};
 use vmgate::host::server::{Admission, HostIdentity, server_settings};
 use vmgate::host::stream_link;
+use vmgate::host::vms::{MoveRequest, Vms, move_vm};
 use vmgate_auth::channel::Gateway;
 use vmgate_migrate::engine::{
-    Destination, DestinationOptions, Received, ReceivedEvent, ReceivedVm,
+    CancelToken, Destination, DestinationOptions, MoveOptions, Received, ReceivedEvent,
 };
+use vmgate_migrate::protocol::Compression;
 
 /// Exit code: the daemon could not start.
 const EXIT_START: u8 = 1;
@@ -74,9 +77,6 @@ fn set_kerberos_environment(config: &Config) {
     }
 }
 
-/// The VMs that moved here (they run in this process).
-type Arrived = Arc<Mutex<Vec<(ReceivedVm, String)>>>;
-
 /// The migration gateway: TCP listeners on `config.listen`, the incoming-network filter from
 /// `config.migration`, TLS + Kerberos + channel binding, authorization of the *user* by the
 /// admin group (recursively, through the directory), then the migration engine's destination.
@@ -84,11 +84,11 @@ type Arrived = Arc<Mutex<Vec<(ReceivedVm, String)>>>;
 /// listens for moves.
 fn start_migration_listener(
     daemon: &Daemon,
-) -> Result<Arrived, Box<dyn std::error::Error + Send + Sync>> {
-    let arrived: Arrived = Arc::default();
+    vms: &Vms,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let cfg = &daemon.config;
     if !cfg.migration.enabled {
-        return Ok(arrived);
+        return Ok(());
     }
     let [_, spn] = cfg.migration_spns()?;
     let id = HostIdentity {
@@ -124,7 +124,7 @@ fn start_migration_listener(
             TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
         let gw = Gateway::new(settings.clone());
         let dest = Arc::clone(&dest);
-        let arrived = Arc::clone(&arrived);
+        let vms = vms.clone();
         std::thread::Builder::new()
             .name("vmgated-gateway".into())
             .spawn(move || {
@@ -140,10 +140,10 @@ fn start_migration_listener(
                         return;
                     };
                     if let Received::Vm(v) = dest.handle(link) {
-                        arrived
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .push((*v, who));
+                        let name = v.vm.config().name.clone();
+                        if let Err(e) = vms.add(v.vm, format!("moved here by {who}")) {
+                            eprintln!("vmgated: {name} arrived but cannot be listed: {e}");
+                        }
                     }
                 });
                 if let Err(e) = served {
@@ -151,7 +151,7 @@ fn start_migration_listener(
                 }
             })?;
     }
-    Ok(arrived)
+    Ok(())
 }
 
 /// The destination's lifecycle events, as the event log's stable ids.
@@ -215,32 +215,140 @@ fn generic_failure(job: String, vm: String, cause: String) -> Event {
     }
 }
 
-/// The control-socket dispatcher: `vm_list` from the VMs that moved here; `version` and
-/// `host_show` from the basic handler.
-fn control_handler(daemon: &Daemon, arrived: Arrived) -> Arc<dyn ControlHandler> {
+/// The control-socket dispatcher: `vm_list`, `vm_create` and `move` from this host's VMs;
+/// `version` and `host_show` from the basic handler.
+fn control_handler(daemon: &Daemon, vms: Vms) -> Arc<dyn ControlHandler> {
     let basic = BasicHandler::new(daemon.host_info());
+    let events = daemon.events.clone();
+    let cfg = daemon.config.clone();
     Arc::new(
         move |peer: &LocalPeer, request: Request, replies: &mut Replies<'_>| match request {
-            Request::VmList => {
-                let list = arrived.lock().unwrap_or_else(PoisonError::into_inner);
-                let vms = list
-                    .iter()
-                    .map(|(v, who)| {
-                        let c = v.vm.config();
-                        VmSummary {
-                            name: c.name.clone(),
-                            state: if v.vm.running() { "running" } else { "paused" }.into(),
-                            memory_mib: c.memory_mib,
-                            vcpus: c.vcpus,
-                            origin: format!("moved here by {who}"),
-                        }
-                    })
-                    .collect();
-                Response::Vms { vms }
+            Request::VmList => Response::Vms { vms: vms.list() },
+            Request::VmCreate { config } => {
+                match vms.create(&config, &cfg.state_dir.join("consoles")) {
+                    Ok(name) => Response::Done {
+                        message: format!("created and started {name}"),
+                    },
+                    Err(e) => Response::error(ErrorCode::BadRequest, e),
+                }
             }
+            Request::Move {
+                vm,
+                to,
+                destination,
+                ccache,
+            } => start_move(
+                &cfg,
+                &events,
+                &vms,
+                &vm,
+                &to,
+                &destination,
+                &ccache,
+                replies,
+            ),
             other => basic.handle(peer, other, replies),
         },
     )
+}
+
+/// A move requested on the control socket, as the caller (their forwarded ticket).
+#[allow(clippy::too_many_arguments)]
+fn start_move(
+    cfg: &Config,
+    events: &EventLog,
+    vms: &Vms,
+    vm: &str,
+    to: &str,
+    destination: &str,
+    ccache: &vmgate::daemon::local::CcacheBlob,
+    replies: &mut Replies<'_>,
+) -> Response {
+    let to: std::net::SocketAddr = match to.parse() {
+        Ok(a) => a,
+        Err(e) => {
+            return Response::error(
+                ErrorCode::BadRequest,
+                format!("\"{to}\" is not an address and port: {e}"),
+            );
+        }
+    };
+    let spn = match vmgate_auth::spn::Spn::new(&cfg.spn_class, destination) {
+        Ok(s) => s,
+        Err(e) => return Response::error(ErrorCode::BadRequest, e.to_string()),
+    };
+    let m = &cfg.migration;
+    let options = MoveOptions {
+        channels: m.effective_channels(),
+        compression: match m.performance {
+            Performance::Compression => Compression::Lz4,
+            Performance::Tcpip | Performance::Multichannel => Compression::None,
+        },
+        bandwidth_limit: m.bandwidth_limit.map(|b| b.bytes_per_second()),
+        downtime_target: Duration::from_millis(u64::from(m.downtime_target_ms)),
+        ..MoveOptions::default()
+    };
+    let req = MoveRequest {
+        vm,
+        to,
+        spn,
+        ccache: ccache.expose(),
+        ccache_dir: cfg.state_dir.join("ccache"),
+        realm: cfg.realm.clone(),
+        options,
+    };
+    let job = format!("{vm}-{}", std::process::id());
+    let mut started = false;
+    let outcome = move_vm(vms, &req, &CancelToken::new(), &mut |p| {
+        if !started {
+            started = true;
+            events.emit(Event::MigrationPhase {
+                job: job.clone(),
+                vm: vm.to_owned(),
+                phase: MovePhase::Setup,
+            });
+        }
+        let _ = replies.send(&Response::Progress {
+            progress: serde_json::to_value(p).unwrap_or_default(),
+        });
+    });
+    match outcome.result {
+        Ok(stats) => {
+            events.emit(Event::MigrationCompleted {
+                job,
+                vm: vm.to_owned(),
+                total_ms: ms(stats.total_ms),
+                downtime_ms: ms(stats.downtime_ms),
+                bytes: stats.bytes_on_wire,
+            });
+            Response::Done {
+                message: format!(
+                    "moved {vm} to {destination} as {}: total {:.0} ms, downtime {:.1} ms, {} bytes",
+                    outcome.user, stats.total_ms, stats.downtime_ms, stats.bytes_on_wire
+                ),
+            }
+        }
+        Err(e) => {
+            events.emit(generic_failure(job, vm.to_owned(), e.clone()));
+            Response::error(ErrorCode::Failed, e)
+        }
+    }
+}
+
+/// Milliseconds as a whole number for the event log.
+fn ms(v: f64) -> u64 {
+    if v.is_finite() && v > 0.0 {
+        // Whole milliseconds of a move: far below u64::MAX.
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "finite, positive, and rounded"
+        )]
+        let r = v.round() as u64;
+        r
+    } else {
+        0
+    }
 }
 
 fn main() -> ExitCode {
@@ -286,14 +394,12 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_START);
         }
     };
-    let arrived = match start_migration_listener(&daemon) {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("vmgated: cannot start the migration listener: {e}");
-            return ExitCode::from(EXIT_START);
-        }
-    };
-    let handler = control_handler(&daemon, arrived);
+    let vms = Vms::default();
+    if let Err(e) = start_migration_listener(&daemon, &vms) {
+        eprintln!("vmgated: cannot start the migration listener: {e}");
+        return ExitCode::from(EXIT_START);
+    }
+    let handler = control_handler(&daemon, vms);
     let version = vmgate::daemon::local::VersionInfo::current();
     daemon.events.emit(Event::DaemonStarted {
         version: version.daemon.clone(),

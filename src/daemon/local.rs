@@ -192,6 +192,24 @@ pub enum Request {
     HostShow,
     /// The VMs this host runs (Hyper-V: `Get-VM`).
     VmList,
+    /// Creates a VM from its configuration (TOML text) and starts it (Hyper-V: `New-VM`,
+    /// `Start-VM`).
+    VmCreate {
+        /// The configuration document.
+        config: String,
+    },
+    /// Moves a VM of this host live to another host as the caller, with the caller's own
+    /// forwarded ticket (Hyper-V: `Move-VM` run on the source). Progress lines follow.
+    Move {
+        /// The VM.
+        vm: String,
+        /// The destination's migration address (`127.0.0.12:6600`).
+        to: String,
+        /// The destination's DNS name (its migration SPN's host).
+        destination: String,
+        /// The caller's credential cache holding a forwardable TGT.
+        ccache: CcacheBlob,
+    },
     /// The caller's forwarded TGT ("logged on to the source"): the content of a ccache file
     /// holding a forwardable TGT of the caller. Served by the move glue (not this module).
     ForwardCredential {
@@ -207,6 +225,8 @@ impl Request {
             Request::Version => "version",
             Request::HostShow => "host_show",
             Request::VmList => "vm_list",
+            Request::VmCreate { .. } => "vm_create",
+            Request::Move { .. } => "move",
             Request::ForwardCredential { .. } => "forward_credential",
         }
     }

@@ -93,3 +93,5 @@ impl Dialer for ChannelDialer {
 }
 
 pub mod server;
+
+pub mod vms;

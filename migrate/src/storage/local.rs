@@ -503,11 +503,31 @@ fn switch(
     // name is the only open handle and holds the only locks.
     drop(sink);
     drop(dest);
-    let new = Arc::new(open_layer(&active.path, active.format).map_err(SwitchError::Plan)?);
+    let new = Arc::new(reopen(&active.path, active.format).map_err(SwitchError::Plan)?);
     if cancel.load(Ordering::Relaxed) {
         return Err(SwitchError::Copy(MirrorError::Cancelled));
     }
     vm.swap_disk(index, new).map_err(SwitchError::Swap)
+}
+
+/// Opens the new active layer under its final name. The copy's own handles were just closed,
+/// but a `fork` elsewhere in the process (any `Command` spawned by another thread) shares
+/// every open file description — and so its lock — until the child's `exec` closes it: for
+/// that instant the file looks in use. Such a lock goes away within milliseconds; one that
+/// stays (another process really has the file) is reported after 2 s.
+fn reopen(path: &Path, format: crate::disk::DiskFormat) -> Result<Disk, PlanError> {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        match open_layer(path, format) {
+            Err(PlanError::Image {
+                source: DiskError::InUse { .. },
+                ..
+            }) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Deletes an old file unless kept or still in use by another open file (a lock probe that
