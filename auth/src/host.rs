@@ -2,6 +2,7 @@
 //! (principals, AD groups through the directory, networks): what `vmgate-channel serve`,
 //! `vmgate-host receive` and `vmgated` all build.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -113,4 +114,80 @@ pub fn url_host(url: &str) -> Option<String> {
         None => hostport.rsplit_once(':').map_or(hostport, |(h, _)| h),
     };
     (!host.is_empty()).then(|| host.to_owned())
+}
+
+/// The command-line options of a serving host, shared by the probes (`vmgate-channel serve`,
+/// `vmgate-host receive`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct HostArgs {
+    /// Address to listen on (127.0.0.0/8 in tests).
+    #[arg(long)]
+    pub listen: SocketAddr,
+    /// The host's keytab (its account's and its migration SPNs' keys).
+    #[arg(long)]
+    pub keytab: PathBuf,
+    /// The host account (`hv2$`); default: the SPN's host name followed by `$`.
+    #[arg(long)]
+    pub account: Option<String>,
+    /// The realm.
+    #[arg(long, env = "VMGATE_REALM")]
+    pub realm: String,
+    /// The host's migration SPN.
+    #[arg(long)]
+    pub spn: Spn,
+    /// Folder for private credential caches (default: a folder under /tmp).
+    #[arg(long)]
+    pub ccache_dir: Option<PathBuf>,
+    /// A principal allowed to connect (repeatable).
+    #[arg(long)]
+    pub allow: Vec<String>,
+    /// An AD group whose members may connect (repeatable; needs --ldap-url).
+    #[arg(long)]
+    pub allow_group: Vec<String>,
+    /// LDAP URL for group lookups (`ldap://DC` binds with GSSAPI sealing as the host).
+    #[arg(long)]
+    pub ldap_url: Option<String>,
+    /// CA file for `ldaps://`.
+    #[arg(long)]
+    pub ldap_ca: Option<PathBuf>,
+    /// Allowed source networks (CIDR, repeatable, or "any").
+    #[arg(long, default_value = "any")]
+    pub networks: Vec<String>,
+}
+
+impl HostArgs {
+    /// The host's short name (the SPN's host up to the first dot).
+    pub fn host_name(&self) -> String {
+        self.spn
+            .host()
+            .split('.')
+            .next()
+            .unwrap_or("host")
+            .to_owned()
+    }
+
+    /// The identity and admission rules; `tool` names the default credential-cache folder.
+    pub fn into_parts(self, tool: &str) -> (HostIdentity, Admission) {
+        let host = self.host_name();
+        let account = self.account.unwrap_or_else(|| format!("{host}$"));
+        let ccache_dir = self.ccache_dir.unwrap_or_else(|| {
+            std::env::temp_dir().join(format!("{tool}-{host}-{}", std::process::id()))
+        });
+        (
+            HostIdentity {
+                keytab: self.keytab,
+                account,
+                realm: self.realm,
+                spn: self.spn,
+                ccache_dir,
+            },
+            Admission {
+                principals: self.allow,
+                groups: self.allow_group,
+                ldap_url: self.ldap_url,
+                ldap_ca: self.ldap_ca,
+                networks: self.networks,
+            },
+        )
+    }
 }

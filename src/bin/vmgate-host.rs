@@ -26,9 +26,10 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::{Value, json};
 
-use vmgate::host::server::{Admission, HostIdentity, server_settings, use_host_keytab_for_ldap};
+use vmgate::host::server::{server_settings, use_host_keytab_for_ldap};
 use vmgate::host::{ChannelDialer, stream_link};
 use vmgate_auth::channel::{ClientSettings, Gateway};
+use vmgate_auth::host::HostArgs;
 use vmgate_auth::krb::{AuthFacts, HostCredentials, Principal, UserCredential};
 use vmgate_auth::spn::Spn;
 use vmgate_auth::tls::TlsContext;
@@ -82,36 +83,8 @@ enum PhaseArg {
 enum Cmd {
     /// Accept moves as a destination host; VMs that arrive keep running here.
     Receive {
-        /// Address to listen on (127.0.0.0/8).
-        #[arg(long)]
-        listen: SocketAddr,
-        /// The host's keytab.
-        #[arg(long)]
-        keytab: PathBuf,
-        /// The host account (`HV2$`).
-        #[arg(long)]
-        account: String,
-        /// The realm.
-        #[arg(long, env = "VMGATE_REALM")]
-        realm: String,
-        /// The host's migration SPN.
-        #[arg(long)]
-        spn: Spn,
-        /// Folder for private credential caches.
-        #[arg(long)]
-        ccache_dir: Option<PathBuf>,
-        /// A principal allowed to move VMs here (repeatable).
-        #[arg(long)]
-        allow: Vec<String>,
-        /// An AD group whose members may move VMs here (repeatable).
-        #[arg(long)]
-        allow_group: Vec<String>,
-        /// LDAP URL for group lookups.
-        #[arg(long)]
-        ldap_url: Option<String>,
-        /// Allowed source networks.
-        #[arg(long, default_value = "any")]
-        networks: Vec<String>,
+        #[command(flatten)]
+        host: HostArgs,
         /// Declare a link lost after this many seconds of silence.
         #[arg(long, default_value_t = 15)]
         link_timeout_s: u64,
@@ -254,16 +227,7 @@ fn session_hex(s: vmgate_migrate::protocol::SessionId) -> String {
 #[allow(clippy::too_many_lines)]
 fn receive(cmd: Cmd) -> ExitCode {
     let Cmd::Receive {
-        listen,
-        keytab,
-        account,
-        realm,
-        spn,
-        ccache_dir,
-        allow,
-        allow_group,
-        ldap_url,
-        networks,
+        host,
         link_timeout_s,
         console_dir,
         protocol_version,
@@ -272,28 +236,12 @@ fn receive(cmd: Cmd) -> ExitCode {
     else {
         return fail("internal: not receive");
     };
-    let host = spn.host().split('.').next().unwrap_or("host").to_owned();
-    let ccache_dir = ccache_dir.unwrap_or_else(|| {
-        std::env::temp_dir().join(format!("vmgate-host-{host}-{}", std::process::id()))
-    });
-    if ldap_url.is_some() {
+    let listen = host.listen;
+    let (id, admit) = host.into_parts("vmgate-host");
+    if admit.ldap_url.is_some() {
         // SAFETY: no other thread has started yet.
-        unsafe { use_host_keytab_for_ldap(&keytab, &ccache_dir.join("ldap.ccache")) };
+        unsafe { use_host_keytab_for_ldap(&id.keytab, &id.ccache_dir.join("ldap.ccache")) };
     }
-    let id = HostIdentity {
-        keytab,
-        account,
-        realm,
-        spn,
-        ccache_dir,
-    };
-    let admit = Admission {
-        principals: allow,
-        groups: allow_group,
-        ldap_url,
-        ldap_ca: None,
-        networks,
-    };
     let (settings, _dir) = match server_settings(
         &id,
         &admit,
@@ -360,14 +308,16 @@ fn receive(cmd: Cmd) -> ExitCode {
                     emit(json!({"event": "accepted", "principal": peer.principal().to_string(), "peer": peer.addr().to_string()}));
                     match dest.handle(link) {
                         Received::Vm(v) => {
-                            emit(json!({
+                            // Listed first, then announced: a `check` after the event finds it.
+                            let event = json!({
                                 "event": "running",
                                 "vm": v.vm.config().name,
                                 "session": session_hex(v.session),
                                 "released": v.released,
                                 "note": v.note,
-                            }));
+                            });
                             vms.lock().unwrap_or_else(PoisonError::into_inner).push(*v);
+                            emit(event);
                         }
                         Received::Discarded(why) => {
                             emit(json!({"event": "ended", "outcome": "discarded", "reason": why}));

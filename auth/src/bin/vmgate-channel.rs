@@ -35,7 +35,7 @@ use vmgate_auth::channel::{
     ServerChannel, Target,
 };
 use vmgate_auth::delegation::AuthType;
-use vmgate_auth::host::{Admission, HostIdentity, server_settings};
+use vmgate_auth::host::{HostArgs, server_settings};
 use vmgate_auth::krb::{AuthFacts, HostCredentials, Principal, UserCredential};
 use vmgate_auth::spn::Spn;
 use vmgate_auth::tls::{TlsContext, TlsSession};
@@ -66,39 +66,8 @@ enum PurposeArg {
 enum Cmd {
     /// Accept connections as a host.
     Serve {
-        /// Address to listen on (127.0.0.0/8 only in tests).
-        #[arg(long)]
-        listen: SocketAddr,
-        /// The host's keytab.
-        #[arg(long)]
-        keytab: PathBuf,
-        /// The host account (`hv2$`); default from the SPN's host.
-        #[arg(long)]
-        account: Option<String>,
-        /// The realm; default from $VMGATE_REALM.
-        #[arg(long, env = "VMGATE_REALM")]
-        realm: String,
-        /// The host's migration SPN (for diagnoses).
-        #[arg(long)]
-        spn: Spn,
-        /// Folder for private credential caches (default: a folder under /tmp).
-        #[arg(long)]
-        ccache_dir: Option<PathBuf>,
-        /// A principal allowed to connect (repeatable).
-        #[arg(long)]
-        allow: Vec<String>,
-        /// An AD group whose members may connect (repeatable).
-        #[arg(long)]
-        allow_group: Vec<String>,
-        /// LDAP URL for group lookups.
-        #[arg(long, env = "VMGATE_LDAP_URL")]
-        ldap_url: Option<String>,
-        /// CA file for LDAPS.
-        #[arg(long, env = "VMGATE_LDAP_CA")]
-        ldap_ca: Option<PathBuf>,
-        /// Allowed networks (CIDR, repeatable, or "any").
-        #[arg(long, default_value = "any")]
-        networks: Vec<String>,
+        #[command(flatten)]
+        host: HostArgs,
         /// Handshake timeout in milliseconds.
         #[arg(long, default_value_t = 10_000)]
         timeout_ms: u64,
@@ -200,10 +169,6 @@ fn error_kind(e: &ChannelError) -> &'static str {
     }
 }
 
-fn default_account(spn: &Spn) -> String {
-    format!("{}$", spn.host().split('.').next().unwrap_or("host"))
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
@@ -230,17 +195,7 @@ struct Relay {
 #[allow(clippy::too_many_lines)]
 fn serve(cmd: Cmd) -> ExitCode {
     let Cmd::Serve {
-        listen,
-        keytab,
-        account,
-        realm,
-        spn,
-        ccache_dir,
-        allow,
-        allow_group,
-        ldap_url,
-        ldap_ca,
-        networks,
+        host,
         timeout_ms,
         max_handshakes,
         relay_to,
@@ -250,35 +205,16 @@ fn serve(cmd: Cmd) -> ExitCode {
     else {
         return fail("internal: not serve");
     };
-    let host_name = spn.host().split('.').next().unwrap_or("host").to_owned();
-    let account = account.unwrap_or_else(|| default_account(&spn));
-    let ccache_dir = ccache_dir.unwrap_or_else(|| {
-        std::env::temp_dir().join(format!(
-            "vmgate-channel-{}-{}",
-            host_name,
-            std::process::id()
-        ))
-    });
+    let listen = host.listen;
+    let host_name = host.host_name();
+    let (id, admit) = host.into_parts("vmgate-channel");
+    let realm = id.realm.clone();
     // The directory client's GSSAPI bind uses this process's Kerberos credentials: point them at
     // the host's keytab and a private cache (each host is its own process). `ldap://` gets a
     // sealed GSSAPI bind as `ldap/<the URL's host>` (see `vmgate_auth::host`).
-    if ldap_url.is_some() {
-        set_process_kerberos_env(&keytab, &ccache_dir.join("ldap.ccache"));
+    if admit.ldap_url.is_some() {
+        set_process_kerberos_env(&id.keytab, &id.ccache_dir.join("ldap.ccache"));
     }
-    let id = HostIdentity {
-        keytab,
-        account,
-        realm: realm.clone(),
-        spn: spn.clone(),
-        ccache_dir,
-    };
-    let admit = Admission {
-        principals: allow,
-        groups: allow_group,
-        ldap_url,
-        ldap_ca,
-        networks,
-    };
     let timeout = Duration::from_millis(timeout_ms);
     let (settings, directory) = match server_settings(&id, &admit, timeout, max_handshakes) {
         Ok(x) => x,
