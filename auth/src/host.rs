@@ -10,7 +10,7 @@ use std::time::Duration;
 use crate::authz::{Authorizer, LdapGroups, LdapSource};
 use crate::channel::ServerSettings;
 use crate::directory::{Bind, DirectoryConfig};
-use crate::krb::{HostCredentials, Principal};
+use crate::krb::{Credential, HostCredentials, KrbError, OpCcache, Principal, UserCredential};
 use crate::netfilter::NetworkFilter;
 use crate::spn::Spn;
 use crate::tls::TlsContext;
@@ -189,5 +189,62 @@ impl HostArgs {
                 networks: self.networks,
             },
         )
+    }
+}
+
+/// The command-line options of a connecting side: a user's credential cache, or a host's
+/// keytab (`vmgate-channel connect`, `vmgate-host send`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct CredentialArgs {
+    /// Connect as the user of this credential cache.
+    #[arg(long, conflicts_with = "keytab")]
+    pub ccache: Option<String>,
+    /// Connect as a host from this keytab instead.
+    #[arg(long, requires = "account")]
+    pub keytab: Option<PathBuf>,
+    /// The host account for --keytab.
+    #[arg(long)]
+    pub account: Option<String>,
+    /// The realm.
+    #[arg(long, env = "VMGATE_REALM")]
+    pub realm: String,
+}
+
+/// Why [`CredentialArgs::acquire`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AcquireError {
+    /// The user's credential cache cannot be used (diagnose it with [`crate::krb::diagnose`]).
+    #[error(transparent)]
+    Ccache(KrbError),
+    /// The host account is not a valid principal.
+    #[error("{0}")]
+    Account(String),
+    /// The host's keytab cannot be used.
+    #[error(transparent)]
+    Host(KrbError),
+    /// Neither was given.
+    #[error("give --ccache or --keytab")]
+    Missing,
+}
+
+impl CredentialArgs {
+    /// The credential, and for a keytab the host's private cache, which must live as long as
+    /// the credential is used. `tool` names that cache's folder.
+    pub fn acquire(&self, tool: &str) -> Result<(Credential, Option<OpCcache>), AcquireError> {
+        match (&self.ccache, &self.keytab) {
+            (Some(cc), _) => UserCredential::from_ccache(cc)
+                .map(|c| (c, None))
+                .map_err(AcquireError::Ccache),
+            (None, Some(kt)) => {
+                let acct = self.account.clone().unwrap_or_default();
+                let p = Principal::parse(&acct, Some(&self.realm))
+                    .map_err(|e| AcquireError::Account(e.to_string()))?;
+                let dir = std::env::temp_dir().join(format!("{tool}-{}", std::process::id()));
+                let host = HostCredentials::new(kt, p, dir).map_err(AcquireError::Host)?;
+                let (c, cache) = host.initiator().map_err(AcquireError::Host)?;
+                Ok((c, Some(cache)))
+            }
+            (None, None) => Err(AcquireError::Missing),
+        }
     }
 }

@@ -29,8 +29,8 @@ use serde_json::{Value, json};
 use vmgate::host::server::{server_settings, use_host_keytab_for_ldap};
 use vmgate::host::{ChannelDialer, stream_link};
 use vmgate_auth::channel::{ClientSettings, Gateway};
-use vmgate_auth::host::HostArgs;
-use vmgate_auth::krb::{AuthFacts, HostCredentials, Principal, UserCredential};
+use vmgate_auth::host::{CredentialArgs, HostArgs};
+use vmgate_auth::krb::AuthFacts;
 use vmgate_auth::spn::Spn;
 use vmgate_auth::tls::TlsContext;
 use vmgate_migrate::engine::{
@@ -109,18 +109,8 @@ enum Cmd {
         /// The destination's migration SPN.
         #[arg(long)]
         spn: Spn,
-        /// Connect as the user of this credential cache.
-        #[arg(long, conflicts_with = "keytab")]
-        ccache: Option<String>,
-        /// Connect as a host from this keytab.
-        #[arg(long, requires = "account")]
-        keytab: Option<PathBuf>,
-        /// The host account for --keytab.
-        #[arg(long)]
-        account: Option<String>,
-        /// The realm.
-        #[arg(long, env = "VMGATE_REALM")]
-        realm: String,
+        #[command(flatten)]
+        credential: CredentialArgs,
         /// Parallel channels.
         #[arg(long, default_value_t = 1)]
         channels: u16,
@@ -399,10 +389,7 @@ fn send(cmd: Cmd) -> ExitCode {
         vm: vm_path,
         to,
         spn,
-        ccache,
-        keytab,
-        account,
-        realm,
+        credential,
         channels,
         compression,
         bandwidth_mib,
@@ -428,32 +415,10 @@ fn send(cmd: Cmd) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(format!("{}: {e}", vm_path.display())),
     };
-    let mut _host_cache = None;
-    let credential = match (ccache, keytab) {
-        (Some(cc), _) => match UserCredential::from_ccache(&cc) {
-            Ok(c) => c,
-            Err(e) => return fail(e),
-        },
-        (None, Some(kt)) => {
-            let acct = account.unwrap_or_default();
-            let p = match Principal::parse(&acct, Some(&realm)) {
-                Ok(p) => p,
-                Err(e) => return fail(e),
-            };
-            let dir = std::env::temp_dir().join(format!("vmgate-host-s-{}", std::process::id()));
-            let h = match HostCredentials::new(kt, p, dir) {
-                Ok(h) => h,
-                Err(e) => return fail(e),
-            };
-            match h.initiator() {
-                Ok((c, cc)) => {
-                    _host_cache = Some(cc);
-                    c
-                }
-                Err(e) => return fail(e),
-            }
-        }
-        (None, None) => return fail("give --ccache or --keytab"),
+    let realm = credential.realm.clone();
+    let (credential, _host_cache) = match credential.acquire("vmgate-host-s") {
+        Ok(c) => c,
+        Err(e) => return fail(e),
     };
     let tls = match TlsContext::ephemeral() {
         Ok(t) => t,

@@ -19,7 +19,6 @@
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::thread;
@@ -35,8 +34,8 @@ use vmgate_auth::channel::{
     ServerChannel, Target,
 };
 use vmgate_auth::delegation::AuthType;
-use vmgate_auth::host::{HostArgs, server_settings};
-use vmgate_auth::krb::{AuthFacts, HostCredentials, Principal, UserCredential};
+use vmgate_auth::host::{AcquireError, CredentialArgs, HostArgs, server_settings};
+use vmgate_auth::krb::{AuthFacts, HostCredentials};
 use vmgate_auth::spn::Spn;
 use vmgate_auth::tls::{TlsContext, TlsSession};
 
@@ -92,18 +91,8 @@ enum Cmd {
         /// The target's migration SPN.
         #[arg(long)]
         spn: Spn,
-        /// The credential cache with the user's tickets.
-        #[arg(long, conflicts_with = "keytab")]
-        ccache: Option<String>,
-        /// Connect as a host from this keytab instead.
-        #[arg(long, requires = "account")]
-        keytab: Option<PathBuf>,
-        /// The host account for --keytab.
-        #[arg(long)]
-        account: Option<String>,
-        /// The realm.
-        #[arg(long, env = "VMGATE_REALM")]
-        realm: String,
+        #[command(flatten)]
+        credential: CredentialArgs,
         /// Forward the TGT (credential forwarding).
         #[arg(long)]
         forward: bool,
@@ -378,10 +367,7 @@ fn connect(cmd: Cmd) -> ExitCode {
     let Cmd::Connect {
         to,
         spn,
-        ccache,
-        keytab,
-        account,
-        realm,
+        credential,
         forward,
         purpose,
         send,
@@ -395,43 +381,23 @@ fn connect(cmd: Cmd) -> ExitCode {
         Ok(t) => t,
         Err(e) => return fail(e),
     };
-    let mut _cache = None;
-    let (cred, ccache_name) = match (ccache, keytab) {
-        (Some(cc), _) => match UserCredential::from_ccache(&cc) {
-            Ok(c) => (c, Some(cc)),
-            Err(e) => {
-                let facts = AuthFacts {
-                    ccache: Some(cc.clone()),
-                    realm: Some(realm.clone()),
-                    ..AuthFacts::default()
-                };
-                let d = vmgate_auth::krb::diagnose(&e, &facts);
-                emit(
-                    json!({"event": "error", "error": d.to_string(), "kind": "auth", "diagnosis": diag_json(&d)}),
-                );
-                return ExitCode::from(2);
-            }
-        },
-        (None, Some(kt)) => {
-            let acct = account.unwrap_or_default();
-            let p = match Principal::parse(&acct, Some(&realm)) {
-                Ok(p) => p,
-                Err(e) => return fail(e),
+    let realm = credential.realm.clone();
+    let ccache_name = credential.ccache.clone();
+    let (cred, _cache) = match credential.acquire("vmgate-channel-c") {
+        Ok(c) => c,
+        Err(AcquireError::Ccache(e)) => {
+            let facts = AuthFacts {
+                ccache: ccache_name,
+                realm: Some(realm),
+                ..AuthFacts::default()
             };
-            let dir = std::env::temp_dir().join(format!("vmgate-channel-c-{}", std::process::id()));
-            let host = match HostCredentials::new(kt, p, dir) {
-                Ok(h) => h,
-                Err(e) => return fail(e),
-            };
-            match host.initiator() {
-                Ok((c, cc)) => {
-                    _cache = Some(cc);
-                    (c, None)
-                }
-                Err(e) => return fail(e),
-            }
+            let d = vmgate_auth::krb::diagnose(&e, &facts);
+            emit(
+                json!({"event": "error", "error": d.to_string(), "kind": "auth", "diagnosis": diag_json(&d)}),
+            );
+            return ExitCode::from(2);
         }
-        (None, None) => return fail("give --ccache or --keytab"),
+        Err(e) => return fail(e),
     };
     let settings = ClientSettings {
         tls,

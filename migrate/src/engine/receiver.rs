@@ -493,7 +493,7 @@ impl Destination {
                     scope.spawn(move || {
                         s.touch();
                         let channel = j.channel;
-                        if s.feed(opts, channel, &j.hello) {
+                        if s.step(opts, channel, &j.hello) {
                             s.serve_channel(opts, channel, j.frames);
                         }
                     });
@@ -637,18 +637,10 @@ impl Session {
                 }
                 continue;
             }
-            if !self.feed(opts, channel, &frame) {
+            if !self.step(opts, channel, &frame) {
                 return;
             }
         }
-    }
-
-    /// Feeds one frame and performs its action; false when the move ended.
-    fn feed(&self, opts: &DestinationOptions, channel: u16, frame: &Frame<'_>) -> bool {
-        if !self.step(opts, channel, frame) {
-            return false;
-        }
-        true
     }
 
     /// Runs the state machine on a frame and performs the action (StorePages is left to the
