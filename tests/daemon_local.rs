@@ -195,6 +195,7 @@ fn serve(dir: &Path, group: Option<&str>) -> (Config, EventLog) {
     )
     .unwrap();
     let host = HostInfo {
+        migration_addresses: Vec::new(),
         version: VersionInfo::current(),
         config: config.clone(),
         spns: Vec::new(),
@@ -351,14 +352,18 @@ fn requests_are_bounded_and_malformed_ones_answered() {
         }
         other => panic!("{other:?}"),
     }
-    // A forwarded credential is not served yet, and its bytes are not echoed.
+    // A move handing over a credential, to a handler that does not serve moves: refused as
+    // unsupported, and the credential's bytes are not echoed.
     writer
-        .write_all(b"{\"request\":\"forward_credential\",\"ccache\":\"BQRzZWNyZXQ=\"}\n")
+        .write_all(b"{\"request\":\"move\",\"vm\":\"web\",\"to\":[\"127.0.0.12:1\"],\"destination\":\"hv2.lab.example.test\",\"ccache\":\"BQRzZWNyZXQ=\"}\n")
         .unwrap();
     let line = read_line(&mut reader);
     assert!(!line.contains("BQRzZWNyZXQ"), "{line}");
     match parse(&line) {
-        Response::Error(e) => assert_eq!(e.code, ErrorCode::Unsupported),
+        Response::Error(e) => {
+            assert_eq!(e.code, ErrorCode::Unsupported);
+            assert!(e.message.contains("\"move\""), "{}", e.message);
+        }
         other => panic!("{other:?}"),
     }
     // Exactly MAX_REQUEST bytes (a valid request padded with spaces) is accepted.

@@ -4,111 +4,19 @@
 //! with its stable ids; a user outside the admin group is refused with E_ACCESSDENIED and the VM
 //! stays at its source. Run through tests/run, or after `eval "$(tests/domain/up)"`.
 
-#[path = "../auth/tests/channel/common.rs"]
-mod chan;
+mod lab_hosts;
 
 use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use lab_hosts::{Lab, chan};
 use serde_json::Value;
-use vmgate::daemon::events::{Event, EventLog};
+use vmgate::daemon::events::Event;
 use vmgate::daemon::local::{LocalClient, Request, Response};
 
-const VMGATED: &str = env!("CARGO_BIN_EXE_vmgated");
 const HOST_BIN: &str = env!("CARGO_BIN_EXE_vmgate-host");
-
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A free port on `ip`.
-fn free_port_on(ip: &str) -> u16 {
-    TcpListener::bind(format!("{ip}:0"))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A free port on hv2's address.
-fn free_port() -> u16 {
-    free_port_on("127.0.0.12")
-}
-
-/// Starts vmgated as hv2 with migrations enabled; waits until its control socket answers.
-fn start_hv2(dir: &Path, port: u16) -> Daemon {
-    start_host(dir, "hv2", "127.0.0.12", port)
-}
-
-/// Starts vmgated as `host` on `ip:port` with migrations enabled (state and socket in `dir`).
-fn start_host(dir: &Path, host: &str, ip: &str, port: u16) -> Daemon {
-    let e = chan::env();
-    let hosts = chan::hosts();
-    let account = format!("{}$", host.to_uppercase());
-    let state = dir.join("state");
-    let socket = dir.join("vmgated.sock");
-    let config = dir.join("vmgated.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"host_name = "{host}"
-fqdn = "{host}.lab.example.test"
-realm = "{realm}"
-keytab = "{keytab}"
-account = "{account}"
-listen = ["{ip}:{port}"]
-krb5_config = "{krb5}"
-state_dir = "{state}"
-control_socket = "{socket}"
-admin_group = "Hyper-V Administrators"
-
-[directory]
-url = "ldap://{dc}"
-
-[migration]
-enabled = true
-any_network = true
-"#,
-            realm = e.realm,
-            keytab = hosts.keytab[host].display(),
-            account = account,
-            krb5 = e.krb5_config.display(),
-            state = state.display(),
-            socket = socket.display(),
-            dc = e.dc_ip,
-        ),
-    )
-    .unwrap();
-    let mut child = Command::new(VMGATED)
-        .arg("--config")
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    loop {
-        assert!(child.try_wait().unwrap().is_none(), "vmgated exited early");
-        if let Ok(mut c) = LocalClient::connect(&socket)
-            && let Ok(Response::Host(_)) = c.call(&Request::HostShow)
-        {
-            return Daemon(child);
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "vmgated did not serve within 60 s"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 /// Runs `vmgate-host send` as `user` to hv2's daemon; returns its final event.
 fn send(dir: &Path, user: &str, name: &str, port: u16) -> Value {
@@ -158,15 +66,16 @@ fn send(dir: &Path, user: &str, name: &str, port: u16) -> Value {
 
 #[test]
 fn a_vm_moves_into_vmgated_and_a_user_outside_the_admin_group_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let daemon = start_hv2(dir.path(), port);
+    let lab = Lab::start(&["hv2"], &|_| String::new());
+    let hv2 = lab.host("hv2");
+    let dir = lab.dir.path();
+    let port = hv2.port;
 
-    let moved = send(dir.path(), "alice", "into-daemon", port);
+    let moved = send(dir, "alice", "into-daemon", port);
     assert_eq!(moved["event"], "moved", "{moved}");
     // The source reports the move once the VM resumed here; the daemon lists it once the
     // source released it, a round trip later.
-    let mut c = LocalClient::connect(&dir.path().join("vmgated.sock")).unwrap();
+    let mut c = LocalClient::connect(&hv2.socket()).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     let v = loop {
         match c.call(&Request::VmList).unwrap() {
@@ -184,14 +93,12 @@ fn a_vm_moves_into_vmgated_and_a_user_outside_the_admin_group_is_refused() {
     assert!(v.origin.contains("alice@"), "{v:?}");
 
     // carol is not in "Hyper-V Administrators": refused before the engine, the VM stays.
-    let refused = send(dir.path(), "carol", "carol-vm", port);
+    let refused = send(dir, "carol", "carol-vm", port);
     assert_eq!(refused["event"], "failed", "{refused}");
     assert_eq!(refused["diagnosis"]["code"], "0x80070005", "{refused}");
     assert_eq!(refused["vm_runs_here"], true, "{refused}");
 
-    let records = EventLog::read(&dir.path().join("state/events.jsonl"), 10_000)
-        .unwrap()
-        .0;
+    let records = hv2.events();
     let started = records
         .iter()
         .find(|r| r.id == 20400)
@@ -206,71 +113,5 @@ fn a_vm_moves_into_vmgated_and_a_user_outside_the_admin_group_is_refused() {
     assert!(
         records.iter().any(|r| r.id == 20401),
         "no handoff phase event: {records:#?}"
-    );
-    drop(daemon);
-}
-
-fn vm_names(socket: &Path) -> Vec<String> {
-    let mut c = LocalClient::connect(socket).unwrap();
-    match c.call(&Request::VmList).unwrap() {
-        Response::Vms { vms } => vms.into_iter().map(|v| v.name).collect(),
-        other => panic!("vm_list answered {other:?}"),
-    }
-}
-
-#[test]
-fn alice_on_hv1_moves_a_vm_to_hv2_with_her_own_ticket_without_delegation() {
-    let d1 = tempfile::tempdir().unwrap();
-    let d2 = tempfile::tempdir().unwrap();
-    let port2 = free_port_on("127.0.0.12");
-    let _hv1 = start_host(d1.path(), "hv1", "127.0.0.11", free_port_on("127.0.0.11"));
-    let _hv2 = start_host(d2.path(), "hv2", "127.0.0.12", port2);
-    let s1 = d1.path().join("vmgated.sock");
-    let s2 = d2.path().join("vmgated.sock");
-    // No constrained delegation for hv1 at all: the move runs on alice's own ticket.
-    chan::set_delegation("hv1", &[]);
-
-    let mut c = LocalClient::connect(&s1).unwrap();
-    let created = c
-        .call(&Request::VmCreate {
-            config: "name = \"own-ticket\"\nmemory_mib = 128\nvcpus = 1\n[[vcpu]]\nprogram = \"memstress\"\nstart_mib = 8\nsize_mib = 16\n".into(),
-        })
-        .unwrap();
-    assert!(matches!(created, Response::Done { .. }), "{created:?}");
-    assert_eq!(vm_names(&s1), ["own-ticket"]);
-
-    // The CLI hands the daemon alice's own ticket over the local socket ("logged on to the
-    // source"): no delegation is involved.
-    let cc = chan::user_ccache("alice", "daemon-own-ticket");
-    let mut progress = 0;
-    let mut c = LocalClient::connect(&s1).unwrap();
-    let done = c
-        .call_with(
-            &Request::Move {
-                vm: "own-ticket".into(),
-                to: format!("127.0.0.12:{port2}"),
-                destination: "hv2.lab.example.test".into(),
-                ccache: vmgate::daemon::local::CcacheBlob::new(std::fs::read(&cc).unwrap()),
-            },
-            |_| progress += 1,
-        )
-        .unwrap();
-    match &done {
-        Response::Done { message } => assert!(message.contains("as alice@"), "{message}"),
-        other => panic!("the move failed: {other:?}"),
-    }
-    assert!(progress >= 3, "only {progress} progress lines");
-    assert!(vm_names(&s1).is_empty(), "hv1 still lists the VM");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while vm_names(&s2) != ["own-ticket"] {
-        assert!(Instant::now() < deadline, "hv2 never listed the VM");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let records = EventLog::read(&d1.path().join("state/events.jsonl"), 10_000)
-        .unwrap()
-        .0;
-    assert!(
-        records.iter().any(|r| r.id == 20402),
-        "no migration.completed on hv1: {records:#?}"
     );
 }

@@ -697,6 +697,7 @@ fn raw_link(to: SocketAddr) -> vmgate_migrate::engine::Link {
     let cc = chan::user_ccache("alice", &format!("hostile-{}", chan::unique()));
     let cred = UserCredential::from_ccache(cc.to_str().unwrap()).unwrap();
     let settings = ClientSettings {
+        source: None,
         tls: TlsContext::ephemeral().unwrap(),
         realm: e.realm.clone(),
         handshake_timeout: Duration::from_secs(10),

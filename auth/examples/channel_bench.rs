@@ -152,6 +152,7 @@ fn main() {
         authorizer: Authorizer::new("hv2").allow_principal(alice.clone()),
         handshake_timeout: Duration::from_secs(10),
         max_handshakes: 64,
+        migration_filter: None,
         service_spn: Some(spn.clone()),
     };
     let listener = TcpListener::bind("127.0.0.12:0").unwrap();
@@ -165,6 +166,7 @@ fn main() {
         })
     });
     let client = ClientSettings {
+        source: None,
         tls: tls.clone(),
         realm: realm.clone(),
         handshake_timeout: Duration::from_secs(10),

@@ -99,6 +99,7 @@ pub fn server_settings(
             authorizer,
             handshake_timeout,
             max_handshakes,
+            migration_filter: None,
             service_spn: Some(id.spn.clone()),
         },
         directory,

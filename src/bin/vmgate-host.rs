@@ -425,6 +425,7 @@ fn send(cmd: Cmd) -> ExitCode {
         Err(e) => return fail(e),
     };
     let settings = ClientSettings {
+        source: None,
         tls,
         realm: realm.clone(),
         handshake_timeout: Duration::from_secs(10),

@@ -148,6 +148,36 @@ pub struct Config {
     /// Default `/run/vmgate/vmgated.sock`.
     #[serde(default = "default_control_socket")]
     pub control_socket: PathBuf,
+    /// Settings for labs and tests that make this host behave like another one. Never needed
+    /// in production.
+    #[serde(default, skip_serializing_if = "TestingSettings::is_default")]
+    pub testing: TestingSettings,
+}
+
+/// `[testing]`: make this host play an older or different one (labs and tests).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TestingSettings {
+    /// Pretend this host's processor lacks these CPU features (`avx512f`): arriving VMs that
+    /// use them are refused as on an older processor.
+    #[serde(default)]
+    pub hidden_cpu_features: Vec<String>,
+    /// Announce this migration protocol version as a source (a newer build than this one).
+    #[serde(default)]
+    pub protocol_version: Option<u16>,
+}
+
+impl TestingSettings {
+    fn is_default(&self) -> bool {
+        *self == TestingSettings::default()
+    }
+
+    /// The protocol version a source announces.
+    pub fn protocol_version(&self) -> vmgate_migrate::protocol::ProtocolVersion {
+        self.protocol_version
+            .and_then(vmgate_migrate::protocol::ProtocolVersion::new)
+            .unwrap_or(vmgate_migrate::protocol::ProtocolVersion::CURRENT)
+    }
 }
 
 /// Where the directory is.
@@ -225,6 +255,35 @@ pub struct MigrationNetwork {
     /// Lower numbers are offered first (Hyper-V: `Priority`, 0 is the highest). Default 0.
     #[serde(default)]
     pub priority: u32,
+}
+
+impl MigrationNetwork {
+    /// `CIDR` or `CIDR:PRIORITY` (`10.0.20.0/24:1`; IPv6 as `[fd00::/64]:1` or without a
+    /// priority).
+    pub fn parse(text: &str) -> Result<MigrationNetwork, String> {
+        let t = text.trim();
+        let (net, prio) = if let Some(rest) = t.strip_prefix('[') {
+            match rest.split_once(']') {
+                Some((n, p)) => (n, p.strip_prefix(':')),
+                None => return Err(format!("\"{text}\": a missing ]")),
+            }
+        } else if t.matches(':').count() == 1 {
+            let (n, p) = t.split_once(':').unwrap_or((t, ""));
+            (n, Some(p))
+        } else {
+            (t, None)
+        };
+        let subnet = net
+            .parse::<Cidr>()
+            .map_err(|e| format!("\"{text}\" is not a network (CIDR[:PRIORITY]): {e}"))?;
+        let priority = match prio {
+            Some(p) => p
+                .parse::<u32>()
+                .map_err(|_| format!("\"{text}\": the priority must be a number"))?,
+            None => 0,
+        };
+        Ok(MigrationNetwork { subnet, priority })
+    }
 }
 
 /// A bandwidth limit in bytes per second, written in human units (`"500MiB/s"`, `"1 Gbit/s"`).
@@ -610,6 +669,13 @@ impl Config {
                 problem,
             })?;
         Ok(config)
+    }
+
+    /// Checks a configuration changed at run time (`host set`): the first problem, as
+    /// "key: what is wrong".
+    pub fn check(&self) -> Result<(), String> {
+        self.validate()
+            .map_err(|(key, problem)| format!("{key}: {problem}"))
     }
 
     /// The checks across keys; the first problem found, as (key, what is wrong).

@@ -64,6 +64,8 @@ pub const MAX_REQUEST: usize = 1024 * 1024;
 pub const MAX_RESPONSE: usize = 16 * 1024 * 1024;
 /// The largest forwarded credential cache accepted.
 pub const MAX_CCACHE: usize = 512 * 1024;
+/// The most console bytes one `vm_console` answer carries.
+pub const MAX_CONSOLE_CHUNK: usize = 256 * 1024;
 /// Connections served at once; more are told the daemon is busy.
 pub const MAX_CONNECTIONS: usize = 64;
 
@@ -182,7 +184,7 @@ impl<'de> Deserialize<'de> for CcacheBlob {
     }
 }
 
-/// A request on the control socket.
+/// A request on the control socket (and on the gateway's control channels).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "request", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
@@ -190,6 +192,12 @@ pub enum Request {
     Version,
     /// The host's settings and SPN state (Hyper-V: `Get-VMHost`).
     HostShow,
+    /// Changes migration settings at run time, kept across restarts in the state folder
+    /// (Hyper-V: `Set-VMHost`, `Enable-VMMigration`, `Add-VMMigrationNetwork`).
+    HostSet {
+        /// What changes.
+        changes: HostChanges,
+    },
     /// The VMs this host runs (Hyper-V: `Get-VM`).
     VmList,
     /// Creates a VM from its configuration (TOML text) and starts it (Hyper-V: `New-VM`,
@@ -198,24 +206,106 @@ pub enum Request {
         /// The configuration document.
         config: String,
     },
-    /// Moves a VM of this host live to another host as the caller, with the caller's own
-    /// forwarded ticket (Hyper-V: `Move-VM` run on the source). Progress lines follow.
-    Move {
+    /// Starts a stopped VM (a cold boot from its definition).
+    VmStart {
         /// The VM.
-        vm: String,
-        /// The destination's migration address (`127.0.0.12:6600`).
-        to: String,
-        /// The destination's DNS name (its migration SPN's host).
-        destination: String,
-        /// The caller's credential cache holding a forwardable TGT.
-        ccache: CcacheBlob,
+        name: String,
     },
-    /// The caller's forwarded TGT ("logged on to the source"): the content of a ccache file
-    /// holding a forwardable TGT of the caller. Served by the move glue (not this module).
-    ForwardCredential {
-        /// The ccache file's bytes (base64 on the wire).
-        ccache: CcacheBlob,
+    /// Turns a VM off (its definition stays; Hyper-V: `Stop-VM -TurnOff`).
+    VmStop {
+        /// The VM.
+        name: String,
     },
+    /// One VM in detail.
+    VmShow {
+        /// The VM.
+        name: String,
+    },
+    /// Runs the VM's self-checks (memory patterns, guest progress, disk sequence).
+    VmCheck {
+        /// The VM.
+        name: String,
+    },
+    /// The VM's serial console output from `offset` (at most [`MAX_CONSOLE_CHUNK`] bytes).
+    VmConsole {
+        /// The VM.
+        name: String,
+        /// Where to start reading; past the end gives nothing.
+        #[serde(default)]
+        offset: u64,
+    },
+    /// Moves a VM of this host live to another host as the caller (Hyper-V: `Move-VM`).
+    /// Progress lines follow; the final line is `moved` or an error.
+    Move(MoveSpec),
+    /// Checks whether a VM of this host could move to another host, without moving it
+    /// (Hyper-V: `Compare-VM`).
+    Compare(MoveSpec),
+    /// Moves in progress, queued and recently ended.
+    JobsList,
+    /// One job.
+    JobShow {
+        /// Its id.
+        id: String,
+    },
+    /// Cancels a job: a queued one leaves the queue, a running one stops and the VM keeps
+    /// running here.
+    JobCancel {
+        /// Its id.
+        id: String,
+    },
+}
+
+/// What a `move` or `compare` names.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MoveSpec {
+    /// The VM.
+    pub vm: String,
+    /// The destination's migration addresses, by its priority (tried in order).
+    pub to: Vec<String>,
+    /// The destination's DNS name (its migration SPN's host).
+    pub destination: String,
+    /// The caller's credential cache holding a forwardable TGT, handed over on the local
+    /// socket ("logged on to the source"). Remote callers forward their TGT in Kerberos
+    /// instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ccache: Option<CcacheBlob>,
+    /// Virtual switch renames, `FROM=TO`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub switch_map: Vec<String>,
+}
+
+/// Migration settings a `host_set` changes (absent: unchanged).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostChanges {
+    /// Send and receive moves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    /// `kerberos`, `credssp` or `host`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<String>,
+    /// Live moves at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_live_moves: Option<u32>,
+    /// Storage moves at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_storage_moves: Option<u32>,
+    /// `tcpip`, `compression` or `multichannel`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub performance: Option<String>,
+    /// A cap such as `100M`, or `off`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth_limit: Option<String>,
+    /// The downtime target, ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_target_ms: Option<u32>,
+    /// Accept moves from any address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub any_network: Option<bool>,
+    /// The migration networks, `CIDR[:PRIORITY]` (replaces the list).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub networks: Option<Vec<String>>,
 }
 
 impl Request {
@@ -224,10 +314,19 @@ impl Request {
         match self {
             Request::Version => "version",
             Request::HostShow => "host_show",
+            Request::HostSet { .. } => "host_set",
             Request::VmList => "vm_list",
             Request::VmCreate { .. } => "vm_create",
-            Request::Move { .. } => "move",
-            Request::ForwardCredential { .. } => "forward_credential",
+            Request::VmStart { .. } => "vm_start",
+            Request::VmStop { .. } => "vm_stop",
+            Request::VmShow { .. } => "vm_show",
+            Request::VmCheck { .. } => "vm_check",
+            Request::VmConsole { .. } => "vm_console",
+            Request::Move(_) => "move",
+            Request::Compare(_) => "compare",
+            Request::JobsList => "jobs_list",
+            Request::JobShow { .. } => "job_show",
+            Request::JobCancel { .. } => "job_cancel",
         }
     }
 }
@@ -248,6 +347,17 @@ pub enum ErrorCode {
     Busy,
     /// The request was valid but failed.
     Failed,
+    /// The VM, job or host named does not exist.
+    NotFound,
+    /// Authentication or authorization failed (the message has the Windows code, cause and
+    /// fix).
+    Denied,
+    /// A host could not be reached.
+    Unreachable,
+    /// The destination cannot take the VM (or refuses moves): the message lists why.
+    Refused,
+    /// The move was cancelled; the VM runs here.
+    Cancelled,
 }
 
 /// The daemon's version.
@@ -291,6 +401,10 @@ pub struct HostInfo {
     pub config: Config,
     /// The migration SPNs as found at start.
     pub spns: Vec<SpnState>,
+    /// The addresses this host offers sources for moves, in the order to try them
+    /// (migration networks by priority).
+    #[serde(default)]
+    pub migration_addresses: Vec<String>,
 }
 
 /// An error answer.
@@ -300,6 +414,9 @@ pub struct ErrorReply {
     pub code: ErrorCode,
     /// Why, for people (with the fix when there is one).
     pub message: String,
+    /// The Windows code of an authentication failure (`0x8009030E`), when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub win_code: Option<String>,
 }
 
 /// One VM in a `vm_list` answer.
@@ -317,6 +434,77 @@ pub struct VmSummary {
     pub origin: String,
 }
 
+/// One VM in detail (`vm_show`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmDetail {
+    /// The summary line.
+    #[serde(flatten)]
+    pub summary: VmSummary,
+    /// Processor compatibility mode.
+    pub cpu_compat: bool,
+    /// The processor features the guest is shown (while it runs), as a destination checks
+    /// them: `avx2 (CPUID 0x7 ebx bit 5)`.
+    #[serde(default)]
+    pub cpu_features: Vec<String>,
+    /// The NICs: MAC and virtual switch.
+    pub nics: Vec<NicInfo>,
+    /// The disks' image files.
+    pub disks: Vec<String>,
+    /// The serial console log.
+    pub console: Option<String>,
+}
+
+/// A NIC of a VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NicInfo {
+    /// The MAC address.
+    pub mac: String,
+    /// The virtual switch.
+    pub switch: String,
+}
+
+/// What `vm_check` found.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmCheckReport {
+    /// The VM.
+    pub vm: String,
+    /// Whether every check passed.
+    pub passed: bool,
+    /// One line per check.
+    pub details: Vec<String>,
+}
+
+/// One incompatibility (Compare-VM).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Incompatibility {
+    /// Its stable id (1001 configuration, 1002 memory, 1003 processor, 1004 build, 1005
+    /// switch, 1006 migration disabled, 1007 busy, 1008 network).
+    pub id: u32,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+/// How a move went (`moved`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoveSummary {
+    /// The job.
+    pub job: String,
+    /// The VM.
+    pub vm: String,
+    /// The destination.
+    pub destination: String,
+    /// The address used.
+    pub address: String,
+    /// The user it ran as.
+    pub user: String,
+    /// How this host authenticated as the user: `own-ticket`, `forwarded-tgt`,
+    /// `constrained-delegation`, `protocol-transition`.
+    pub method: String,
+    /// The engine's statistics (`total_ms`, `setup_ms`, `downtime_ms`, `bytes_on_wire`,
+    /// `rounds`, `throughput_bytes_s`, ...).
+    pub stats: serde_json::Value,
+}
+
 /// A response line.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
@@ -330,6 +518,35 @@ pub enum Response {
         /// The VMs, by name.
         vms: Vec<VmSummary>,
     },
+    /// Answer to `vm_show`.
+    Vm(Box<VmDetail>),
+    /// Answer to `vm_check`.
+    Checked(VmCheckReport),
+    /// Answer to `vm_console`.
+    Console {
+        /// The text read (lossy UTF-8).
+        text: String,
+        /// Where the next read starts.
+        next_offset: u64,
+    },
+    /// Answer to `move`: the VM runs on the destination.
+    Moved(Box<MoveSummary>),
+    /// Answer to `compare`: every incompatibility (none: the move can go).
+    Compared {
+        /// The VM.
+        vm: String,
+        /// The destination.
+        destination: String,
+        /// What stands in the way, each with its stable id.
+        report: Vec<Incompatibility>,
+    },
+    /// Answer to `jobs_list`.
+    Jobs {
+        /// Newest first.
+        jobs: Vec<crate::host::jobs::JobInfo>,
+    },
+    /// Answer to `job_show` and `job_cancel`.
+    Job(Box<crate::host::jobs::JobInfo>),
     /// The request was carried out (no data to return).
     Done {
         /// What was done, for people.
@@ -350,6 +567,16 @@ impl Response {
         Response::Error(ErrorReply {
             code,
             message: message.into(),
+            win_code: None,
+        })
+    }
+
+    /// An authentication or authorization failure with its Windows code.
+    pub fn denied(diagnosis: &vmgate_auth::winerr::Diagnosis) -> Response {
+        Response::Error(ErrorReply {
+            code: ErrorCode::Denied,
+            message: diagnosis.to_string(),
+            win_code: Some(diagnosis.code.hex()),
         })
     }
 
@@ -393,32 +620,76 @@ pub struct LocalPeer {
     pub admission: Admission,
 }
 
-/// Writes intermediate lines (progress) before the final answer.
+/// A caller that came through the gateway: Kerberos authenticated it, the admin group
+/// authorized it.
 #[derive(Debug)]
-pub struct Replies<'a> {
-    stream: &'a UnixStream,
+pub struct RemotePeer {
+    /// `alice@LAB.EXAMPLE.TEST`.
+    pub principal: String,
+    /// Where it connected from.
+    pub addr: std::net::SocketAddr,
+    /// What this host may use to act for the caller towards another host.
+    pub acting: vmgate_auth::channel::ActingFor,
 }
 
-impl Replies<'_> {
+/// Who sent a request.
+#[derive(Debug)]
+pub enum Caller {
+    /// A process on this host, by its peer credentials ("logged on to the host").
+    Local(LocalPeer),
+    /// A user over the network.
+    Remote(RemotePeer),
+}
+
+impl Caller {
+    /// Who, for logs and job records (`uid 0 (root)`, `alice@LAB.EXAMPLE.TEST from 127.0.0.1`).
+    pub fn describe(&self) -> String {
+        match self {
+            Caller::Local(p) => match &p.user {
+                Some(u) => format!("{u} (uid {}) on this host", p.uid),
+                None => format!("uid {} on this host", p.uid),
+            },
+            Caller::Remote(r) => format!("{} from {}", r.principal, r.addr.ip()),
+        }
+    }
+}
+
+/// Writes intermediate lines (progress) before the final answer.
+pub struct Replies<'a> {
+    out: &'a mut dyn Write,
+}
+
+impl fmt::Debug for Replies<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Replies")
+    }
+}
+
+impl<'a> Replies<'a> {
+    /// Replies written to `out`.
+    pub fn new(out: &'a mut dyn Write) -> Replies<'a> {
+        Replies { out }
+    }
+
     /// Sends one intermediate line now. An error means the client went away: stop the work
     /// that feeds it, or carry on without it.
     pub fn send(&mut self, response: &Response) -> std::io::Result<()> {
-        write_line(self.stream, &response.to_line())
+        write_line(&mut *self.out, &response.to_line())
     }
 }
 
 /// Serves requests on the control socket: the extension point for the daemon's dispatcher.
 pub trait ControlHandler: Send + Sync {
-    /// Answers `request` from `peer`; may send progress lines through `replies` first.
-    fn handle(&self, peer: &LocalPeer, request: Request, replies: &mut Replies<'_>) -> Response;
+    /// Answers `request` from `caller`; may send progress lines through `replies` first.
+    fn handle(&self, caller: &Caller, request: Request, replies: &mut Replies<'_>) -> Response;
 }
 
 impl<F> ControlHandler for F
 where
-    F: Fn(&LocalPeer, Request, &mut Replies<'_>) -> Response + Send + Sync,
+    F: Fn(&Caller, Request, &mut Replies<'_>) -> Response + Send + Sync,
 {
-    fn handle(&self, peer: &LocalPeer, request: Request, replies: &mut Replies<'_>) -> Response {
-        self(peer, request, replies)
+    fn handle(&self, caller: &Caller, request: Request, replies: &mut Replies<'_>) -> Response {
+        self(caller, request, replies)
     }
 }
 
@@ -438,7 +709,7 @@ impl BasicHandler {
 }
 
 impl ControlHandler for BasicHandler {
-    fn handle(&self, _peer: &LocalPeer, request: Request, _replies: &mut Replies<'_>) -> Response {
+    fn handle(&self, _caller: &Caller, request: Request, _replies: &mut Replies<'_>) -> Response {
         match request {
             Request::Version => Response::Version(self.host.version.clone()),
             Request::HostShow => Response::Host(Box::new((*self.host).clone())),
@@ -512,7 +783,7 @@ pub fn admit(uid: u32, gid: u32, pid: i32, local_group: Option<&str>) -> Result<
     }
 }
 
-fn write_line(mut stream: &UnixStream, line: &str) -> std::io::Result<()> {
+fn write_line(mut stream: impl Write, line: &str) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(line.len() + 1);
     buf.extend_from_slice(line.as_bytes());
     buf.push(b'\n');
@@ -734,6 +1005,14 @@ fn serve_connection(
             return;
         }
     };
+    serve_requests(stream, &Caller::Local(peer), handler);
+}
+
+/// Answers requests on one connection until the peer closes it: JSON lines in, zero or more
+/// progress lines and one final line out per request. Every line is bounded
+/// ([`MAX_REQUEST`]) before it is allocated. The local socket and the gateway's control
+/// channels both serve through this.
+pub fn serve_requests<S: Read + Write>(stream: S, caller: &Caller, handler: &dyn ControlHandler) {
     let mut reader = BufReader::new(stream);
     loop {
         let line = match read_line(&mut reader, MAX_REQUEST) {
@@ -741,7 +1020,7 @@ fn serve_connection(
             Ok(Line::Eof) | Err(_) => return,
             Ok(Line::TooLong) => {
                 let _ = write_line(
-                    stream,
+                    reader.get_mut(),
                     &Response::error(
                         ErrorCode::RequestTooLarge,
                         format!("a request is at most {MAX_REQUEST} bytes; closing the connection"),
@@ -756,33 +1035,44 @@ fn serve_connection(
         }
         let response = match serde_json::from_slice::<Request>(&line) {
             Ok(request) => {
-                let mut replies = Replies { stream };
-                handler.handle(&peer, request, &mut replies)
+                let mut replies = Replies::new(reader.get_mut());
+                handler.handle(caller, request, &mut replies)
             }
             Err(e) => Response::error(ErrorCode::BadRequest, format!("not a valid request: {e}")),
         };
-        if write_line(stream, &response.to_line()).is_err() {
+        if write_line(reader.get_mut(), &response.to_line()).is_err() {
             return;
         }
     }
 }
 
-/// A client of the control socket (the CLI, tests).
+/// A client of the control protocol: over the local socket (the CLI on this host, tests) or
+/// over an authenticated gateway channel (the CLI on a workstation).
 #[derive(Debug)]
-pub struct LocalClient {
-    reader: BufReader<UnixStream>,
+pub struct ControlClient<S: Read + Write> {
+    reader: BufReader<S>,
 }
 
-impl LocalClient {
+/// A client of the local control socket.
+pub type LocalClient = ControlClient<UnixStream>;
+
+impl ControlClient<UnixStream> {
     /// Connects to the daemon's socket.
     pub fn connect(path: &Path) -> Result<LocalClient, LocalError> {
         let stream = UnixStream::connect(path).map_err(|source| LocalError::Connect {
             path: path.to_owned(),
             source,
         })?;
-        Ok(LocalClient {
+        Ok(ControlClient::over(stream))
+    }
+}
+
+impl<S: Read + Write> ControlClient<S> {
+    /// A client over an established stream.
+    pub fn over(stream: S) -> ControlClient<S> {
+        ControlClient {
             reader: BufReader::new(stream),
-        })
+        }
     }
 
     /// Sends a request and returns the final answer; `on_progress` sees each progress line.
@@ -792,7 +1082,7 @@ impl LocalClient {
         mut on_progress: impl FnMut(&Response),
     ) -> Result<Response, LocalError> {
         let line = Zeroizing::new(serde_json::to_string(request).map_err(LocalError::Encode)?);
-        if let Err(e) = write_line(self.reader.get_ref(), &line) {
+        if let Err(e) = write_line(self.reader.get_mut(), &line) {
             // A refused peer may find the connection closed before its request is written:
             // the daemon's one-line refusal is still there to read.
             return match self.read_response() {
@@ -838,21 +1128,26 @@ mod tests {
             serde_json::from_str::<Request>(r#"{"request":"host_show"}"#).unwrap(),
             Request::HostShow
         );
-        let blob = Request::ForwardCredential {
-            ccache: CcacheBlob::new(b"\x05\x04secret-ticket".to_vec()),
-        };
+        let blob = Request::Move(MoveSpec {
+            vm: "web".into(),
+            to: vec!["127.0.0.12:6600".into()],
+            destination: "hv2.lab.example.test".into(),
+            ccache: Some(CcacheBlob::new(b"\x05\x04secret-ticket".to_vec())),
+            switch_map: Vec::new(),
+        });
         let line = serde_json::to_string(&blob).unwrap();
         assert_eq!(
             line,
-            r#"{"request":"forward_credential","ccache":"BQRzZWNyZXQtdGlja2V0"}"#
+            r#"{"request":"move","vm":"web","to":["127.0.0.12:6600"],"destination":"hv2.lab.example.test","ccache":"BQRzZWNyZXQtdGlja2V0"}"#
         );
         assert_eq!(serde_json::from_str::<Request>(&line).unwrap(), blob);
         // Never printed.
         let dbg = format!("{blob:?}");
-        assert_eq!(dbg, "ForwardCredential { ccache: (secret, 15 bytes) }");
+        assert!(dbg.contains("ccache: Some((secret, 15 bytes))"), "{dbg}");
+        assert!(!dbg.contains("secret-ticket"), "{dbg}");
         // Bad base64 is refused without echoing the text.
         let e = serde_json::from_str::<Request>(
-            r#"{"request":"forward_credential","ccache":"c2VjcmV0!!!"}"#,
+            r#"{"request":"move","vm":"a","to":[],"destination":"b","ccache":"c2VjcmV0!!!"}"#,
         )
         .unwrap_err()
         .to_string();
@@ -860,7 +1155,7 @@ mod tests {
         assert!(!e.contains("c2VjcmV0"), "{e}");
         // Too large before decoding.
         let big = format!(
-            r#"{{"request":"forward_credential","ccache":"{}"}}"#,
+            r#"{{"request":"move","vm":"a","to":[],"destination":"b","ccache":"{}"}}"#,
             "A".repeat(MAX_CCACHE / 3 * 4 + 8)
         );
         let e = serde_json::from_str::<Request>(&big)
@@ -869,6 +1164,79 @@ mod tests {
         assert!(e.contains("larger than"), "{e}");
         // Unknown requests and fields are errors.
         assert!(serde_json::from_str::<Request>(r#"{"request":"reboot"}"#).is_err());
+    }
+
+    #[test]
+    fn every_answer_with_data_reads_back_as_sent() {
+        use crate::host::jobs::{Direction, JobInfo, JobKind, JobState};
+        let job = JobInfo {
+            id: "j1".into(),
+            kind: JobKind::Live,
+            direction: Direction::Outgoing,
+            vm: "web".into(),
+            peer: "hv2".into(),
+            user: "alice@LAB.EXAMPLE.TEST".into(),
+            state: JobState::Completed,
+            position: None,
+            progress: Some(serde_json::json!({"phase": "handoff"})),
+            submitted: 1,
+            waited_ms: 0,
+            ended: Some(2),
+            outcome: Some("web runs on hv2".into()),
+        };
+        let answers = [
+            Response::Job(Box::new(job.clone())),
+            Response::Jobs { jobs: vec![job] },
+            Response::Checked(VmCheckReport {
+                vm: "web".into(),
+                passed: true,
+                details: vec!["ok".into()],
+            }),
+            Response::Console {
+                text: "hello".into(),
+                next_offset: 5,
+            },
+            Response::Compared {
+                vm: "web".into(),
+                destination: "hv2".into(),
+                report: vec![Incompatibility {
+                    id: 1005,
+                    message: "no switch".into(),
+                }],
+            },
+            Response::Moved(Box::new(MoveSummary {
+                job: "j1".into(),
+                vm: "web".into(),
+                destination: "hv2".into(),
+                address: "127.0.0.12:6600".into(),
+                user: "alice@LAB.EXAMPLE.TEST".into(),
+                method: "own-ticket".into(),
+                stats: serde_json::json!({"total_ms": 12.5}),
+            })),
+            Response::Vm(Box::new(VmDetail {
+                summary: VmSummary {
+                    name: "web".into(),
+                    state: "running".into(),
+                    memory_mib: 128,
+                    vcpus: 1,
+                    origin: "created here".into(),
+                },
+                cpu_compat: false,
+                cpu_features: vec!["avx2 (CPUID 0x7 ebx bit 5)".into()],
+                nics: vec![NicInfo {
+                    mac: "52:54:00:00:00:01".into(),
+                    switch: "Lab".into(),
+                }],
+                disks: Vec::new(),
+                console: None,
+            })),
+        ];
+        for a in answers {
+            let line = a.to_line();
+            let back: Response =
+                serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line}: {e}"));
+            assert_eq!(back, a, "{line}");
+        }
     }
 
     #[test]

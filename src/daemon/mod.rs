@@ -73,6 +73,10 @@ impl Daemon {
     /// What `host_show` answers.
     pub fn host_info(&self) -> HostInfo {
         HostInfo {
+            migration_addresses: crate::host::service::offered_addresses(&self.config)
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
             version: VersionInfo::current(),
             config: self.config.clone(),
             spns: match &self.spns {

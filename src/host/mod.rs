@@ -92,6 +92,9 @@ impl Dialer for ChannelDialer {
     }
 }
 
+pub mod arp;
+pub mod compat;
+pub mod jobs;
 pub mod server;
-
+pub mod service;
 pub mod vms;

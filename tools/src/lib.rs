@@ -6,7 +6,9 @@
 #![forbid(unsafe_code)]
 
 pub mod conn;
+pub mod control;
 pub mod delegation;
 pub mod exit;
+pub mod manage;
 pub mod output;
 pub mod spn;

@@ -220,6 +220,7 @@ fn serve(cmd: Cmd) -> ExitCode {
                 AuthArg::Credssp => AuthType::Credssp,
             },
             client: ClientSettings {
+                source: None,
                 tls,
                 realm,
                 handshake_timeout: timeout,
@@ -300,7 +301,7 @@ fn on_channel(mut ch: ServerChannel, relay: Option<&Relay>) {
     let res = channel::act_for_user(
         &relay.client,
         &relay.host,
-        &ch,
+        &ch.acting(),
         relay.auth,
         &target,
         Purpose::Migration,
@@ -400,6 +401,7 @@ fn connect(cmd: Cmd) -> ExitCode {
         Err(e) => return fail(e),
     };
     let settings = ClientSettings {
+        source: None,
         tls,
         realm: realm.clone(),
         handshake_timeout: Duration::from_millis(timeout_ms),

@@ -349,6 +349,48 @@ impl ServerChannel {
     pub fn into_parts(self) -> (AuthenticatedStream, PeerAuthenticated, Authorized, Purpose) {
         (self.stream, self.peer, self.authorized, self.purpose)
     }
+
+    /// What acting for the peer needs ([`act_for_user`]), apart from the stream: the peer's
+    /// principal and its delegated credential, with the cache that credential lives in. It
+    /// outlives the channel, so a daemon can hand the stream to a request loop and still act
+    /// for the user while it answers.
+    pub fn acting(&self) -> ActingFor {
+        ActingFor {
+            user: self.peer.principal().clone(),
+            delegated: self.delegated.clone(),
+            _cache: Arc::clone(&self._cache),
+        }
+    }
+}
+
+/// The user a host may act for, as an accepted channel proved it: the principal, and the
+/// forwarded TGT or the S4U2Proxy evidence of the user's service ticket. Made only from a
+/// [`ServerChannel`].
+#[derive(Debug, Clone)]
+pub struct ActingFor {
+    user: Principal,
+    delegated: Option<Credential>,
+    _cache: Arc<OpCcache>,
+}
+
+impl ActingFor {
+    /// The user.
+    pub fn user(&self) -> &Principal {
+        &self.user
+    }
+
+    /// The forwarded TGT or the evidence ticket; `None`: the user's ticket was not
+    /// forwardable.
+    pub fn delegated(&self) -> Option<&Credential> {
+        self.delegated.as_ref()
+    }
+
+    /// Whether the user forwarded a TGT (CredSSP-style credential forwarding).
+    pub fn forwarded_tgt(&self) -> bool {
+        self.delegated
+            .as_ref()
+            .is_some_and(|c| c.kind() == CredKind::ForwardedTgt)
+    }
 }
 
 /// A client-side channel.
@@ -377,8 +419,14 @@ pub struct ServerSettings {
     pub tls: TlsContext,
     /// The host's keytab and private caches.
     pub credentials: HostCredentials,
-    /// Which peers may connect.
+    /// Which peers may connect (checked before TLS: others are closed at once).
     pub filter: NetworkFilter,
+    /// Which peers may open migration channels (checked after Kerberos, when the purpose is
+    /// known): a peer outside gets a refusal naming its address and the allowed networks, so
+    /// that control connections (management) can come from anywhere `filter` allows while
+    /// moves come only over the migration networks. Shared, so that a daemon can change it
+    /// while it serves. `None`: no further restriction.
+    pub migration_filter: Option<Arc<std::sync::RwLock<NetworkFilter>>>,
     /// Who may use the host.
     pub authorizer: Authorizer,
     /// The whole handshake phase must finish within this.
@@ -400,6 +448,9 @@ pub struct ClientSettings {
     pub handshake_timeout: Duration,
     /// This host's short name (`hv1`, or a workstation), for messages.
     pub local_host: Option<String>,
+    /// The local address to connect from (a host's migration address, so that the peer's
+    /// network filter sees it); `None`: the system's choice.
+    pub source: Option<std::net::IpAddr>,
 }
 
 /// Where to connect.
@@ -720,6 +771,34 @@ impl ServerTls {
                 diagnosis: d,
             });
         }
+        let refused_networks = match &settings.migration_filter {
+            Some(f) if purpose == Purpose::Migration => {
+                let f = f.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+                (!f.allows(self.addr.ip())).then(|| f.to_string())
+            }
+            _ => None,
+        };
+        if let Some(f) = refused_networks {
+            let d = Diagnosis::new(
+                WinCode::AccessDenied,
+                format!(
+                    "{} does not accept moves from {}: that address is not on its migration \
+                     networks ({f})",
+                    settings.host_name,
+                    self.addr.ip()
+                ),
+            )
+            .with_fix(format!(
+                "on {h}: vmgate host set --network <the source's subnet>[:priority] (or \
+                 --any-network true); or move over an address of {h}'s migration networks",
+                h = settings.host_name
+            ));
+            let _ = framed.send(&Message::Refused(d.clone()), "refusal");
+            return Err(ChannelError::Refused {
+                peer: framed.peer,
+                diagnosis: d,
+            });
+        }
         let delegated = accepted.take_delegated();
         let peer = PeerAuthenticated {
             principal: accepted.client().clone(),
@@ -969,6 +1048,30 @@ fn is_transient_accept_error(e: &io::Error) -> bool {
 // ---------------------------------------------------------------------------------------------
 // Client side.
 
+/// A TCP connection to `addr` within `timeout`, from `source` when given.
+fn tcp_connect(
+    addr: SocketAddr,
+    source: Option<std::net::IpAddr>,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    let Some(ip) = source else {
+        return TcpStream::connect_timeout(&addr, timeout);
+    };
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    sock.bind(&SocketAddr::new(ip, 0).into()).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot connect from {ip} (this host's migration address): {e}"),
+        )
+    })?;
+    sock.connect_timeout(&addr.into(), timeout)?;
+    Ok(sock.into())
+}
+
 /// Connects, runs TLS and Kerberos with `cred`, and waits for the server's answer.
 pub fn connect(
     settings: &ClientSettings,
@@ -979,12 +1082,13 @@ pub fn connect(
     let deadline = started + settings.handshake_timeout;
     let addr = req.target.addr;
     let peer = format!("{} ({addr})", req.target.host());
-    let sock = TcpStream::connect_timeout(&addr, settings.handshake_timeout).map_err(|source| {
-        ChannelError::Connect {
-            addr: addr.to_string(),
-            source,
-        }
-    })?;
+    let sock =
+        tcp_connect(addr, settings.source, settings.handshake_timeout).map_err(|source| {
+            ChannelError::Connect {
+                addr: addr.to_string(),
+                source,
+            }
+        })?;
     let _ = sock.set_nodelay(true);
     let session = TlsSession::connect(&settings.tls, sock, req.target.spn.host(), Some(deadline))
         .map_err(|e| stage_err(&peer, "TLS handshake", settings.handshake_timeout, e))?;
@@ -1117,13 +1221,13 @@ pub enum ActingMethod {
 pub fn act_for_user(
     settings: &ClientSettings,
     host: &HostCredentials,
-    session: &ServerChannel,
+    session: &ActingFor,
     auth_type: AuthType,
     target: &Target,
     purpose: Purpose,
     enrich: Option<&dyn Fn(&mut AuthFacts)>,
 ) -> Result<(ClientChannel, ActingMethod), ChannelError> {
-    let user = session.peer().principal().clone();
+    let user = session.user().clone();
     let local = settings
         .local_host
         .clone()

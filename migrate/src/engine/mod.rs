@@ -37,6 +37,17 @@
 //! it heard nothing for [`MoveOptions::link_timeout`], closes every channel, and follows the
 //! rules above.
 //!
+//! The configuration sent is the VM's own with [`MoveOptions::switch_map`] applied (each
+//! NIC's switch renamed, MAC unchanged), so the destination checks and builds the VM with the
+//! switches it has.
+//!
+//! # Compare ([`compare_vm`])
+//!
+//! Hyper-V's Compare-VM: the setup above on one channel (Hello, VmConfig, the destination's
+//! verdict), then, when the VM is compatible, a Cancel: the destination discards what it
+//! prepared, the VM keeps running here untouched. The result is the destination's whole
+//! report (the ids of [`incompatibility`]); empty means it could take the VM.
+//!
 //! # Destination ([`Destination`])
 //!
 //! [`Destination::handle`] takes each incoming link. A Hello of purpose Move starts a
@@ -58,7 +69,7 @@ pub use receiver::{
     Destination, DestinationOptions, FaultAction, FaultHook, FaultPoint, HostCheck, Received,
     ReceivedEvent, ReceivedVm, incompatibility,
 };
-pub use sender::send_vm;
+pub use sender::{compare_vm, map_switches, send_vm};
 pub use wire::MoveDocument;
 
 use std::sync::Arc;
@@ -67,7 +78,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::protocol::{Compression, Incompatibility, ProtocolError};
+use crate::protocol::{Compression, Incompatibility, ProtocolError, ProtocolVersion};
 use crate::vm::VmError;
 
 /// How a move runs (the source's side).
@@ -91,6 +102,16 @@ pub struct MoveOptions {
     pub handoff_timeout: Duration,
     /// Our software version, for the Hello ("vmgate 0.1.0").
     pub software: String,
+    /// Virtual switch renames, `(from, to)`, names compared without case (Hyper-V's
+    /// `Compare-VM` / `Move-VM` with a fixed-up report): each NIC connected to `from` is sent
+    /// to the destination connected to `to` (its MAC unchanged), so the destination checks
+    /// and builds the VM with the mapped names. Switches without an entry are sent as they are.
+    pub switch_map: Vec<(String, String)>,
+    /// The protocol version announced in the Hello (default [`ProtocolVersion::CURRENT`]); a
+    /// test can play a newer source. This build speaks only `CURRENT`: a destination that
+    /// accepts another version makes the move fail at its acknowledgement, one that is older
+    /// refuses it ([`MoveError::VersionRefused`]).
+    pub version: ProtocolVersion,
 }
 
 impl Default for MoveOptions {
@@ -105,6 +126,8 @@ impl Default for MoveOptions {
             link_timeout: Duration::from_secs(15),
             handoff_timeout: Duration::from_secs(60),
             software: concat!("vmgate ", env!("CARGO_PKG_VERSION")).into(),
+            switch_map: Vec::new(),
+            version: ProtocolVersion::CURRENT,
         }
     }
 }

@@ -15,6 +15,7 @@ use crate::protocol::{
     ReceiverStep, SessionId, UnitDecoder, Verdict,
 };
 use crate::vm::config::VmConfig;
+use crate::vm::cpuid::hidden_features_used;
 use crate::vm::devices::DeviceState;
 use crate::vm::state::{VcpuState, VmState, VmWideState};
 use crate::vm::{PAGE_BYTES, PreparedVm, Vm, VmOptions, missing_cpu_features};
@@ -29,6 +30,15 @@ pub mod incompatibility {
     pub const CPU: u32 = 1003;
     /// Building the VM failed.
     pub const BUILD: u32 = 1004;
+    /// A NIC is connected to a virtual switch this host does not have (map it to one it has,
+    /// or create the switch here).
+    pub const SWITCH: u32 = 1005;
+    /// Live migration is disabled on this host (Enable-VMMigration turns it on).
+    pub const DISABLED: u32 = 1006;
+    /// This host already runs as many moves as it allows at once (its concurrency limit).
+    pub const BUSY: u32 = 1007;
+    /// The source's address is not in the networks this host accepts moves from.
+    pub const NETWORK: u32 = 1008;
 }
 
 /// A host's own checks on an incoming VM (switches, storage roots, names), run with the
@@ -108,6 +118,12 @@ pub struct DestinationOptions {
     pub vm_options: Box<dyn Fn(&VmConfig) -> VmOptions + Send + Sync>,
     /// The host's own checks.
     pub host_check: Option<Box<HostCheck>>,
+    /// This host pretends its processor lacks these features (lab and tests: simulates an
+    /// older host). Named as [`crate::vm::cpuid::hidden_features_used`] accepts them
+    /// ("avx512f", "AVX2"); a VM that uses one is refused with
+    /// [`incompatibility::CPU`], like a VM that uses a feature this processor really lacks. A VM
+    /// in processor compatibility mode does not use them and is not affected.
+    pub hidden_cpu_features: Vec<String>,
     /// Progress and outcomes.
     pub on_event: Box<dyn Fn(ReceivedEvent) + Send + Sync>,
     /// Fault injection for tests.
@@ -122,6 +138,7 @@ impl std::fmt::Debug for DestinationOptions {
             .field("version", &self.version)
             .field("link_timeout", &self.link_timeout)
             .field("max_channels", &self.max_channels)
+            .field("hidden_cpu_features", &self.hidden_cpu_features)
             .finish_non_exhaustive()
     }
 }
@@ -135,6 +152,7 @@ impl Default for DestinationOptions {
             max_channels: crate::protocol::MAX_CHANNELS,
             vm_options: Box::new(|_| VmOptions::default()),
             host_check: None,
+            hidden_cpu_features: Vec::new(),
             on_event: Box::new(|_| {}),
             fault: None,
         }
@@ -806,20 +824,31 @@ impl Session {
                 });
             }
         }
-        match missing_cpu_features(&cpuid) {
-            Ok(missing) if !missing.is_empty() => report.push(Incompatibility {
+        let mut missing = match missing_cpu_features(&cpuid) {
+            Ok(missing) => missing,
+            Err(e) => {
+                report.push(Incompatibility {
+                    id: incompatibility::CPU,
+                    message: format!("this host's processor could not be checked: {}", chain(&e))
+                        .into(),
+                });
+                Vec::new()
+            }
+        };
+        for hidden in hidden_features_used(&cpuid, &opts.hidden_cpu_features) {
+            if !missing.contains(&hidden) {
+                missing.push(hidden);
+            }
+        }
+        if !missing.is_empty() {
+            report.push(Incompatibility {
                 id: incompatibility::CPU,
                 message: format!(
                     "this host's processor lacks features the VM uses: {}; move it to a compatible host, or run it in processor compatibility mode",
                     missing.join(", ")
                 )
                 .into(),
-            }),
-            Ok(_) => {}
-            Err(e) => report.push(Incompatibility {
-                id: incompatibility::CPU,
-                message: format!("this host's processor could not be checked: {}", chain(&e)).into(),
-            }),
+            });
         }
         if let Some(check) = &opts.host_check {
             report.extend(check(&config));

@@ -14,7 +14,7 @@ use crate::protocol::{
     BatchEncoder, Complete, DeviceState, Frame, FrameReader, Message, ProtocolVersion, RoundEnd,
     SessionId, SourceAction, SourceState, SourceStep, VcpuState, stripe_channel,
 };
-use crate::vm::{DirtyBitmap, PAGE_BYTES, Vm};
+use crate::vm::{DirtyBitmap, PAGE_BYTES, Vm, VmConfig};
 
 /// How often the source pings the destination on channel 0.
 const PING_EVERY: Duration = Duration::from_secs(1);
@@ -69,6 +69,9 @@ enum Stop {
     InDoubt(String),
     /// The destination runs the VM.
     Released,
+    /// A comparison ended after the destination found the VM compatible: the destination
+    /// was told to discard the session, the VM runs here untouched.
+    Checked,
 }
 
 impl From<EngineError> for Stop {
@@ -113,6 +116,8 @@ struct Run<'vm, 'p> {
     last_progress: Option<Progress>,
     cancel_refused: bool,
     final_dirty: Option<DirtyBitmap>,
+    /// Compare only: end after the destination's verdict.
+    check_only: bool,
 }
 
 /// Moves `vm` to the destination at the other end of `control`, opening more links with
@@ -130,6 +135,79 @@ pub fn send_vm(
     cancel: &CancelToken,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<MoveStats, MoveError> {
+    run(vm, control, dialer, opts, cancel, progress, false)
+}
+
+/// What the source tells the destination when a comparison ends.
+const COMPARE_ONLY: &str = "compare only: the VM was checked, not moved";
+
+/// Asks the destination at the other end of `control` whether it could take `vm` (Hyper-V's
+/// Compare-VM): the setup of a move (Hello, the configuration with
+/// [`MoveOptions::switch_map`] applied, the destination's checks) on one channel, then the
+/// session ends and the destination discards what it prepared. Returns the destination's
+/// whole report, `(id, message)` (ids in [`super::incompatibility`]); empty: compatible.
+///
+/// The VM keeps running here, untouched (no dirty tracking, no pause). `opts.channels` is
+/// ignored (a comparison uses only `control`); a refused version is an error
+/// ([`MoveError::VersionRefused`]), as are a broken link and a timeout.
+pub fn compare_vm(
+    vm: &Vm,
+    control: Link,
+    opts: &MoveOptions,
+) -> Result<Vec<(u32, String)>, MoveError> {
+    let opts = MoveOptions {
+        channels: 1,
+        ..opts.clone()
+    };
+    match run(
+        vm,
+        control,
+        &mut NoDialer,
+        &opts,
+        &CancelToken::new(),
+        &mut |_: &Progress| {},
+        true,
+    ) {
+        Ok(_) => Ok(Vec::new()),
+        Err(MoveError::Incompatible { report }) => Ok(report),
+        Err(e) => Err(e),
+    }
+}
+
+/// The dialer of a comparison, which opens no other link.
+struct NoDialer;
+
+impl Dialer for NoDialer {
+    fn dial(&mut self) -> Result<Link, Box<dyn std::error::Error + Send + Sync>> {
+        Err("a comparison opens no other link".into())
+    }
+}
+
+/// `config` as the destination is to see it: each NIC's switch renamed by `switch_map`
+/// (`(from, to)`, names compared without case; the first matching entry wins), MACs
+/// unchanged; switches without an entry stay as they are.
+pub fn map_switches(config: &VmConfig, switch_map: &[(String, String)]) -> VmConfig {
+    let mut mapped = config.clone();
+    for nic in &mut mapped.nics {
+        if let Some((_, to)) = switch_map
+            .iter()
+            .find(|(from, _)| from.trim().eq_ignore_ascii_case(nic.switch.trim()))
+        {
+            nic.switch.clone_from(to);
+        }
+    }
+    mapped
+}
+
+fn run(
+    vm: &Vm,
+    control: Link,
+    dialer: &mut dyn Dialer,
+    opts: &MoveOptions,
+    cancel: &CancelToken,
+    progress: &mut dyn FnMut(&Progress),
+    check_only: bool,
+) -> Result<MoveStats, MoveError> {
     let session = SessionId(random_id());
     let (events_tx, events) = mpsc::channel();
     let started = Instant::now();
@@ -140,7 +218,7 @@ pub fn send_vm(
             cancel,
             progress,
             state: None,
-            version: ProtocolVersion::CURRENT,
+            version: opts.version,
             channels: Vec::new(),
             events,
             events_tx,
@@ -167,6 +245,7 @@ pub fn send_vm(
             last_progress: None,
             cancel_refused: false,
             final_dirty: None,
+            check_only,
         };
         spawn_watchdog(
             scope,
@@ -575,6 +654,16 @@ impl<'vm, 'p> Run<'vm, 'p> {
             )),
             _ => None,
         };
+        // A test announced a version this build does not speak, and the destination took it.
+        if let Message::HelloAck(a) = &message {
+            if a.version != ProtocolVersion::CURRENT && a.version == self.opts.version {
+                return Err(self.local_failure(&format!(
+                    "the destination accepted protocol version {}, which this source announced but does not speak (it speaks version {})",
+                    a.version,
+                    ProtocolVersion::CURRENT
+                )));
+            }
+        }
         let frame = Frame { version, message };
         match self.take_state().on_message(channel, &frame) {
             Ok(step) => self.apply(step, cause),
@@ -755,9 +844,13 @@ impl<'vm, 'p> Run<'vm, 'p> {
         'vm: 'scope,
     {
         // ── setup ──
-        let (state, hello) =
+        let (state, mut hello) =
             SourceState::start(session, self.opts.channels, self.opts.software.clone())
                 .map_err(|e| self.failed(e.to_string()))?;
+        // The announced version (a test may play a newer source).
+        if let Message::Hello(h) = &mut hello {
+            h.version = self.opts.version;
+        }
         self.state = Some(state);
         self.add_channel(scope, control, 0)?;
         self.set_phase(Phase::Setup);
@@ -766,7 +859,8 @@ impl<'vm, 'p> Run<'vm, 'p> {
             "the destination's Hello",
             &[|a| matches!(a, SourceAction::SendConfig)],
         )?;
-        let config = MoveDocument::message(self.vm.config(), self.vm.guest_cpuid())
+        let mapped = map_switches(self.vm.config(), &self.opts.switch_map);
+        let config = MoveDocument::message(&mapped, self.vm.guest_cpuid())
             .map_err(|e| self.local_failure(&chain(&e)))?;
         self.send(&config)?;
         let step = self
@@ -781,6 +875,15 @@ impl<'vm, 'p> Run<'vm, 'p> {
                 |a| matches!(a, SourceAction::StartCopy),
             ],
         )?;
+        if self.check_only {
+            // Compatible: end the session; the destination discards what it prepared.
+            let step = self.take_state().cancel(COMPARE_ONLY);
+            self.state = Some(step.state);
+            if let SourceAction::KeepHere { notify: Some(m) } = step.action {
+                self.notify(&m);
+            }
+            return Err(Stop::Checked);
+        }
         if matches!(next, SourceAction::OpenChannels) {
             for ch in 1..self.opts.channels {
                 let link = match dialer.dial() {
@@ -1157,6 +1260,13 @@ impl<'vm, 'p> Run<'vm, 'p> {
                 self.set_phase(Phase::Failed);
                 Err(MoveError::InDoubt { cause })
             }
+            Stop::Checked => {
+                self.close_links();
+                self.stats.setup_ms = ms(self.started.elapsed());
+                self.stats.total_ms = self.stats.setup_ms;
+                self.set_phase(Phase::Cancelled);
+                Ok(self.stats.clone())
+            }
         }
     }
 
@@ -1290,5 +1400,55 @@ fn phase_name(p: Phase) -> &'static str {
         Phase::Completed => "completed",
         Phase::Cancelled => "cancelled",
         Phase::Failed => "failed",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn switches_are_mapped_without_case_and_macs_kept() {
+        let config = VmConfig::from_toml(
+            r#"
+name = "web1"
+memory_mib = 64
+vcpus = 1
+[[nic]]
+mac = "52:54:00:00:00:01"
+switch = "External"
+[[nic]]
+mac = "52:54:00:00:00:02"
+switch = "Private"
+[[nic]]
+mac = "52:54:00:00:00:03"
+switch = "lab"
+"#,
+            None,
+        )
+        .unwrap();
+        let map = vec![
+            ("EXTERNAL".to_string(), "Lab".to_string()),
+            ("external".to_string(), "Other".to_string()),
+            ("Lab".to_string(), "External".to_string()),
+        ];
+        let mapped = map_switches(&config, &map);
+        let nics: Vec<(&str, &str)> = mapped
+            .nics
+            .iter()
+            .map(|n| (n.mac.as_str(), n.switch.as_str()))
+            .collect();
+        assert_eq!(
+            nics,
+            vec![
+                ("52:54:00:00:00:01", "Lab"),
+                ("52:54:00:00:00:02", "Private"),
+                ("52:54:00:00:00:03", "External"),
+            ]
+        );
+        // Everything else is the VM's own.
+        assert_eq!(mapped.name, config.name);
+        assert_eq!(mapped.memory_mib, config.memory_mib);
+        assert_eq!(map_switches(&config, &[]), config);
     }
 }

@@ -249,6 +249,18 @@ fn reg(e: &kvm_cpuid_entry2, name: &str) -> u32 {
     }
 }
 
+/// Every checked feature bit set in `table`: (leaf, subleaf, register, bit).
+fn set_features(table: &[kvm_cpuid_entry2]) -> impl Iterator<Item = (u32, u32, &'static str, u32)> {
+    CHECKED
+        .into_iter()
+        .flat_map(move |(leaf, sub, name, ignore)| {
+            let bits = find(table, leaf, sub).map_or(0, |e| reg(e, name) & !ignore);
+            (0..32u32)
+                .filter(move |bit| bits & (1 << bit) != 0)
+                .map(move |bit| (leaf, sub, name, bit))
+        })
+}
+
 /// Features the guest was shown (`recorded`) that `host` (a supported-CPUID table) cannot
 /// offer, as readable names; empty if the guest can run on that host. A different vendor is
 /// reported as one entry.
@@ -258,57 +270,109 @@ pub fn missing_features(recorded: &[kvm_cpuid_entry2], host: &[kvm_cpuid_entry2]
     if rv != hv {
         out.push(format!("CPU vendor {rv} (this host is {hv})"));
     }
-    for (leaf, sub, name, ignore) in CHECKED {
-        let Some(r) = find(recorded, leaf, sub) else {
-            continue;
-        };
+    for (leaf, sub, name, bit) in set_features(recorded) {
         let have = find(host, leaf, sub).map_or(0, |h| reg(h, name));
-        let missing = reg(r, name) & !have & !ignore;
-        for bit in 0..32 {
-            if missing & (1 << bit) != 0 {
-                out.push(feature_name(leaf, sub, name, bit));
-            }
+        if have & (1 << bit) == 0 {
+            out.push(feature_name(leaf, sub, name, bit));
         }
     }
     out
 }
 
-fn feature_name(leaf: u32, sub: u32, reg: &str, bit: u32) -> String {
-    let known = match (leaf, sub, reg, bit) {
-        (0x1, _, "ecx", 0) => "SSE3",
-        (0x1, _, "ecx", 1) => "PCLMULQDQ",
-        (0x1, _, "ecx", 9) => "SSSE3",
-        (0x1, _, "ecx", 12) => "FMA",
-        (0x1, _, "ecx", 13) => "CX16",
-        (0x1, _, "ecx", 19) => "SSE4.1",
-        (0x1, _, "ecx", 20) => "SSE4.2",
-        (0x1, _, "ecx", 22) => "MOVBE",
-        (0x1, _, "ecx", 23) => "POPCNT",
-        (0x1, _, "ecx", 25) => "AES",
-        (0x1, _, "ecx", 26) => "XSAVE",
-        (0x1, _, "ecx", 28) => "AVX",
-        (0x1, _, "ecx", 29) => "F16C",
-        (0x1, _, "ecx", 30) => "RDRAND",
-        (0x7, 0, "ebx", 3) => "BMI1",
-        (0x7, 0, "ebx", 5) => "AVX2",
-        (0x7, 0, "ebx", 8) => "BMI2",
-        (0x7, 0, "ebx", 9) => "ERMS",
-        (0x7, 0, "ebx", 16) => "AVX512F",
-        (0x7, 0, "ebx", 18) => "RDSEED",
-        (0x7, 0, "ebx", 19) => "ADX",
-        (0x7, 0, "ebx", 29) => "SHA",
-        (0x7, 0, "ecx", 9) => "VAES",
-        (0x7, 0, "ecx", 10) => "VPCLMULQDQ",
-        (0x8000_0001, _, "ecx", 5) => "LZCNT",
-        (0x8000_0001, _, "edx", 26) => "1GB pages",
-        (0x8000_0001, _, "edx", 27) => "RDTSCP",
-        _ => "",
-    };
-    let place = if sub == 0 {
+/// Every checked feature the guest was shown (`recorded`), named as [`missing_features`]
+/// names them ("AVX2 (CPUID 0x7 ebx bit 5)").
+pub fn used_features(recorded: &[kvm_cpuid_entry2]) -> Vec<String> {
+    set_features(recorded)
+        .map(|(leaf, sub, name, bit)| feature_name(leaf, sub, name, bit))
+        .collect()
+}
+
+/// The features of `recorded` that `hidden` names, as [`missing_features`] names them: what
+/// a host that pretends to lack `hidden` would report missing. An entry of `hidden` names a
+/// feature by its short name, without case ("avx512f", "AVX2"), or by its place ("CPUID 0x7
+/// ebx bit 16"); entries that name no feature the guest uses match nothing.
+pub fn hidden_features_used(recorded: &[kvm_cpuid_entry2], hidden: &[String]) -> Vec<String> {
+    set_features(recorded)
+        .filter(|&(leaf, sub, name, bit)| {
+            let short = short_name(leaf, sub, name, bit);
+            let place = place_name(leaf, sub, name, bit);
+            hidden.iter().any(|h| {
+                let h = h.trim();
+                (!short.is_empty() && h.eq_ignore_ascii_case(short))
+                    || h.eq_ignore_ascii_case(&place)
+            })
+        })
+        .map(|(leaf, sub, name, bit)| feature_name(leaf, sub, name, bit))
+        .collect()
+}
+
+/// Whether `name` is a feature short name this module knows ("avx512f", without case), for
+/// checking a host's configuration.
+pub fn is_feature_name(name: &str) -> bool {
+    NAMED
+        .iter()
+        .any(|&(_, _, _, _, n)| n.eq_ignore_ascii_case(name.trim()))
+}
+
+/// (leaf, subleaf, register, bit, short name) of the features with a common name.
+const NAMED: [(u32, u32, &str, u32, &str); 37] = [
+    (0x1, 0, "ecx", 0, "SSE3"),
+    (0x1, 0, "ecx", 1, "PCLMULQDQ"),
+    (0x1, 0, "ecx", 9, "SSSE3"),
+    (0x1, 0, "ecx", 12, "FMA"),
+    (0x1, 0, "ecx", 13, "CX16"),
+    (0x1, 0, "ecx", 19, "SSE4.1"),
+    (0x1, 0, "ecx", 20, "SSE4.2"),
+    (0x1, 0, "ecx", 22, "MOVBE"),
+    (0x1, 0, "ecx", 23, "POPCNT"),
+    (0x1, 0, "ecx", 25, "AES"),
+    (0x1, 0, "ecx", 26, "XSAVE"),
+    (0x1, 0, "ecx", 28, "AVX"),
+    (0x1, 0, "ecx", 29, "F16C"),
+    (0x1, 0, "ecx", 30, "RDRAND"),
+    (0x7, 0, "ebx", 3, "BMI1"),
+    (0x7, 0, "ebx", 5, "AVX2"),
+    (0x7, 0, "ebx", 8, "BMI2"),
+    (0x7, 0, "ebx", 9, "ERMS"),
+    (0x7, 0, "ebx", 16, "AVX512F"),
+    (0x7, 0, "ebx", 17, "AVX512DQ"),
+    (0x7, 0, "ebx", 18, "RDSEED"),
+    (0x7, 0, "ebx", 19, "ADX"),
+    (0x7, 0, "ebx", 21, "AVX512IFMA"),
+    (0x7, 0, "ebx", 28, "AVX512CD"),
+    (0x7, 0, "ebx", 29, "SHA"),
+    (0x7, 0, "ebx", 30, "AVX512BW"),
+    (0x7, 0, "ebx", 31, "AVX512VL"),
+    (0x7, 0, "ecx", 1, "AVX512VBMI"),
+    (0x7, 0, "ecx", 6, "AVX512VBMI2"),
+    (0x7, 0, "ecx", 9, "VAES"),
+    (0x7, 0, "ecx", 10, "VPCLMULQDQ"),
+    (0x7, 0, "ecx", 11, "AVX512VNNI"),
+    (0x7, 0, "ecx", 12, "AVX512BITALG"),
+    (0x7, 0, "ecx", 14, "AVX512VPOPCNTDQ"),
+    (0x8000_0001, 0, "ecx", 5, "LZCNT"),
+    (0x8000_0001, 0, "edx", 26, "1GB pages"),
+    (0x8000_0001, 0, "edx", 27, "RDTSCP"),
+];
+
+fn short_name(leaf: u32, sub: u32, reg: &str, bit: u32) -> &'static str {
+    NAMED
+        .iter()
+        .find(|&&(l, s, r, b, _)| l == leaf && s == sub && r == reg && b == bit)
+        .map_or("", |&(_, _, _, _, n)| n)
+}
+
+fn place_name(leaf: u32, sub: u32, reg: &str, bit: u32) -> String {
+    if sub == 0 {
         format!("CPUID {leaf:#x} {reg} bit {bit}")
     } else {
         format!("CPUID {leaf:#x}.{sub} {reg} bit {bit}")
-    };
+    }
+}
+
+fn feature_name(leaf: u32, sub: u32, reg: &str, bit: u32) -> String {
+    let known = short_name(leaf, sub, reg, bit);
+    let place = place_name(leaf, sub, reg, bit);
     if known.is_empty() {
         place
     } else {
@@ -406,5 +470,57 @@ mod tests {
         // The baseline fits the weaker host.
         let compat = guest_cpuid(&host, 0, 1, true);
         assert!(missing_features(&compat, &weaker).is_empty());
+    }
+
+    #[test]
+    fn used_features_are_named_like_missing_ones() {
+        let host = amd_host();
+        let recorded = guest_cpuid(&host, 0, 1, false);
+        let used = used_features(&recorded);
+        assert!(
+            used.contains(&"AVX2 (CPUID 0x7 ebx bit 5)".to_string()),
+            "{used:?}"
+        );
+        assert!(
+            used.contains(&"SSE4.2 (CPUID 0x1 ecx bit 20)".to_string()),
+            "{used:?}"
+        );
+        // Every feature a host lacks is one the guest uses, named the same way.
+        assert!(
+            missing_features(&recorded, &[])
+                .iter()
+                .skip(1)
+                .all(|m| used.contains(m))
+        );
+        // The baseline uses no leaf-7 feature.
+        let compat = guest_cpuid(&host, 0, 1, true);
+        assert!(used_features(&compat).iter().all(|u| !u.contains("0x7 ")));
+    }
+
+    #[test]
+    fn hidden_features_match_by_short_name_or_place_without_case() {
+        let host = amd_host();
+        let recorded = guest_cpuid(&host, 0, 1, false);
+        let hidden = vec![
+            "avx2".to_string(),
+            " cpuid 0x1 ECX bit 20 ".to_string(),
+            "avx512f".to_string(), // this host's table has no AVX-512: matches nothing
+            "no-such-feature".to_string(),
+        ];
+        assert_eq!(
+            hidden_features_used(&recorded, &hidden),
+            vec![
+                "SSE4.2 (CPUID 0x1 ecx bit 20)".to_string(),
+                "AVX2 (CPUID 0x7 ebx bit 5)".to_string(),
+            ]
+        );
+        // A guest in compatibility mode does not use AVX2.
+        let compat = guest_cpuid(&host, 0, 1, true);
+        assert_eq!(
+            hidden_features_used(&compat, &["AVX2".to_string()]),
+            Vec::<String>::new()
+        );
+        assert!(is_feature_name("avx512f") && is_feature_name("AVX2"));
+        assert!(!is_feature_name("avx9000"));
     }
 }

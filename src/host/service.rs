@@ -1,0 +1,966 @@
+//! The daemon's request handling: one dispatcher for the local socket and the gateway's
+//! control channels, the host's run-time migration settings (`host set`, `host enable`,
+//! `host disable`, kept across restarts in the state folder), moves as queued jobs, and the
+//! destination's checks of arriving moves (migrations enabled, the live-move limit, virtual
+//! switches, the processor).
+//!
+//! Who may do what: the local socket admits root and the local group (by peer credentials);
+//! the gateway admits members of the admin group (Kerberos, checked against the directory).
+//! Both may use every request. A move asked for on the local socket runs with the caller's
+//! own ticket handed over by the CLI; one asked for over the network runs with what the
+//! caller's channel allows this host to do for it (the host's auth type).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Duration;
+
+use vmgate_auth::krb::HostCredentials;
+use vmgate_auth::netfilter::NetworkFilter;
+use vmgate_auth::spn::Spn;
+use vmgate_migrate::engine::{
+    CancelToken, DestinationOptions, MoveOptions, Phase, Progress, ReceivedEvent, ReceivedVm,
+    incompatibility,
+};
+use vmgate_migrate::protocol::{Compression, Incompatibility as EngineIncompatibility};
+use vmgate_migrate::vm::VmConfig;
+
+use super::compat;
+use super::jobs::{Direction, Job, JobKind, JobState, Jobs};
+use super::vms::{
+    FailureKind, MoveCredential, MoveFailure, MoveMode, MoveRequest, VmOpError, Vms, move_vm,
+};
+use crate::daemon::config::{
+    AuthType, Bandwidth, Config, MigrationNetwork, MigrationSettings, Performance,
+};
+use crate::daemon::events::{Event, EventLog, MoveKind, MovePhase};
+use crate::daemon::local::{
+    Caller, ControlHandler, ErrorCode, ErrorReply, HostChanges, HostInfo, Incompatibility,
+    MoveSpec, MoveSummary, Replies, Request, Response, SpnState, VersionInfo,
+};
+
+/// The file in the state folder that keeps `host set` changes.
+pub const SETTINGS_FILE: &str = "migration-settings.json";
+
+/// The daemon's services.
+#[derive(Debug, Clone)]
+pub struct Service {
+    config: Arc<Config>,
+    migration: Arc<RwLock<MigrationSettings>>,
+    filter: Arc<RwLock<NetworkFilter>>,
+    spns: Vec<SpnState>,
+    /// The VMs.
+    pub vms: Vms,
+    /// The moves.
+    pub jobs: Jobs,
+    events: EventLog,
+    host: Option<HostCredentials>,
+    incoming: Arc<Mutex<HashMap<String, Job>>>,
+}
+
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Service {
+    /// The services of a daemon with `config`: migration settings saved by `host set` (in the
+    /// state folder) override the file's. `host` is the keytab credential for acting for
+    /// remote callers (None when migration cannot run).
+    pub fn new(
+        config: Config,
+        events: EventLog,
+        spns: Vec<SpnState>,
+        host: Option<HostCredentials>,
+    ) -> Result<Service, String> {
+        let mut config = config;
+        let saved = config.state_dir.join(SETTINGS_FILE);
+        match std::fs::read(&saved) {
+            Ok(bytes) => {
+                let m: MigrationSettings = serde_json::from_slice(&bytes).map_err(|e| {
+                    format!(
+                        "{} is not valid ({e}); remove it to go back to the configuration file's settings",
+                        saved.display()
+                    )
+                })?;
+                config.migration = m;
+                config.check().map_err(|e| {
+                    format!(
+                        "{}: {e}; remove it to go back to the configuration file's settings",
+                        saved.display()
+                    )
+                })?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("cannot read {}: {e}", saved.display())),
+        }
+        let filter = config.migration.network_filter();
+        let vms = Vms::new(config.state_dir.join("consoles"));
+        Ok(Service {
+            migration: Arc::new(RwLock::new(config.migration.clone())),
+            filter: Arc::new(RwLock::new(filter)),
+            config: Arc::new(config),
+            spns,
+            vms,
+            jobs: Jobs::default(),
+            events,
+            host,
+            incoming: Arc::default(),
+        })
+    }
+
+    /// The configuration with the migration settings in force.
+    pub fn config(&self) -> Config {
+        let mut c = (*self.config).clone();
+        c.migration = read(&self.migration).clone();
+        c
+    }
+
+    /// The migration settings in force.
+    pub fn migration(&self) -> MigrationSettings {
+        read(&self.migration).clone()
+    }
+
+    /// The incoming-network filter for migration channels (changes with `host set`).
+    pub fn migration_filter(&self) -> Arc<RwLock<NetworkFilter>> {
+        Arc::clone(&self.filter)
+    }
+
+    fn host_info(&self) -> HostInfo {
+        let config = self.config();
+        HostInfo {
+            migration_addresses: offered_addresses(&config)
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            version: VersionInfo::current(),
+            config,
+            spns: self.spns.clone(),
+        }
+    }
+
+    fn host_set(&self, changes: &HostChanges) -> Response {
+        let mut c = self.config();
+        if let Err(e) = apply_changes(&mut c.migration, changes) {
+            return Response::error(ErrorCode::BadRequest, e);
+        }
+        if let Err(e) = c.check() {
+            return Response::error(ErrorCode::BadRequest, e);
+        }
+        let path = self.config.state_dir.join(SETTINGS_FILE);
+        let json = match serde_json::to_vec_pretty(&c.migration) {
+            Ok(j) => j,
+            Err(e) => return Response::error(ErrorCode::Failed, e.to_string()),
+        };
+        let tmp = path.with_extension("json.new");
+        if let Err(e) = std::fs::write(&tmp, json).and_then(|()| std::fs::rename(&tmp, &path)) {
+            return Response::error(
+                ErrorCode::Failed,
+                format!("cannot save the settings to {}: {e}", path.display()),
+            );
+        }
+        *self.filter.write().unwrap_or_else(PoisonError::into_inner) = c.migration.network_filter();
+        *self
+            .migration
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = c.migration;
+        Response::Host(Box::new(self.host_info()))
+    }
+
+    fn move_options(&self, switch_map: &[(String, String)]) -> MoveOptions {
+        let m = self.migration();
+        MoveOptions {
+            channels: m.effective_channels(),
+            compression: match m.performance {
+                Performance::Compression => Compression::Lz4,
+                Performance::Tcpip | Performance::Multichannel => Compression::None,
+            },
+            bandwidth_limit: m.bandwidth_limit.map(|b| b.bytes_per_second()),
+            downtime_target: Duration::from_millis(u64::from(m.downtime_target_ms)),
+            auto_converge: true,
+            switch_map: switch_map.to_vec(),
+            version: self.config.testing.protocol_version(),
+            ..MoveOptions::default()
+        }
+    }
+
+    /// `move` and `compare`.
+    fn start_move(
+        &self,
+        caller: &Caller,
+        spec: &MoveSpec,
+        mode: MoveMode,
+        replies: &mut Replies<'_>,
+    ) -> Response {
+        let m = self.migration();
+        if mode == MoveMode::Move && !m.enabled {
+            return Response::error(
+                ErrorCode::Refused,
+                format!(
+                    "live migration is disabled on {} (Hyper-V: Enable-VMMigration); fix: vmgate --host {} host enable",
+                    self.config.host_name, self.config.host_name
+                ),
+            );
+        }
+        let mut to = Vec::new();
+        for a in &spec.to {
+            match crate::daemon::config::parse_listen(a) {
+                Ok(addr) => to.push(addr),
+                Err(e) => return Response::error(ErrorCode::BadRequest, e),
+            }
+        }
+        if to.is_empty() {
+            return Response::error(ErrorCode::BadRequest, "no destination address given");
+        }
+        let spn = match Spn::new(&self.config.spn_class, &spec.destination) {
+            Ok(s) => s,
+            Err(e) => return Response::error(ErrorCode::BadRequest, e.to_string()),
+        };
+        let switch_map = match parse_switch_map(&spec.switch_map) {
+            Ok(m) => m,
+            Err(e) => return Response::error(ErrorCode::BadRequest, e),
+        };
+        let credential = match self.credential_for(caller, spec) {
+            Ok(c) => c,
+            Err(r) => return r,
+        };
+        let req = MoveRequest {
+            vm: &spec.vm,
+            to,
+            spn,
+            credential,
+            realm: self.config.realm.clone(),
+            local_host: self.config.host_name.clone(),
+            sources: self.config.listen.iter().map(SocketAddr::ip).collect(),
+            options: self.move_options(&switch_map),
+        };
+        let destination = spec
+            .destination
+            .split('.')
+            .next()
+            .unwrap_or(&spec.destination)
+            .to_owned();
+        match mode {
+            MoveMode::Compare => {
+                let (outcome, report) =
+                    move_vm(&self.vms, &req, mode, &CancelToken::new(), &mut |_| {});
+                match (outcome.result, report) {
+                    (Ok(_), Some(report)) => Response::Compared {
+                        vm: spec.vm.clone(),
+                        destination,
+                        report: report
+                            .into_iter()
+                            .map(|(id, message)| Incompatibility { id, message })
+                            .collect(),
+                    },
+                    (Err(f), _) => failure_response(&f),
+                    (Ok(_), None) => {
+                        Response::error(ErrorCode::Failed, "the compare gave no report")
+                    }
+                }
+            }
+            MoveMode::Move => self.run_move_job(caller, &req, &destination, &m, replies),
+        }
+    }
+
+    fn credential_for<'a>(
+        &self,
+        caller: &'a Caller,
+        spec: &'a MoveSpec,
+    ) -> Result<MoveCredential<'a>, Response> {
+        match caller {
+            Caller::Local(_) => match &spec.ccache {
+                Some(cc) => Ok(MoveCredential::OwnTicket {
+                    ccache: cc.expose(),
+                    dir: self.config.state_dir.join("ccache"),
+                }),
+                None => match self.migration().auth {
+                    AuthType::Host => self.host_credential(),
+                    _ => Err(Response::error(
+                        ErrorCode::Denied,
+                        "a move started on this host runs with your own Kerberos ticket, and none was handed over; fix: kinit (a forwardable ticket), then run vmgate again",
+                    )),
+                },
+            },
+            Caller::Remote(r) => {
+                let host = self.host.clone().ok_or_else(|| {
+                    Response::error(ErrorCode::Failed, "this host has no keytab credential")
+                })?;
+                match self.migration().auth {
+                    AuthType::Kerberos => Ok(MoveCredential::ActFor {
+                        acting: &r.acting,
+                        host,
+                        auth: vmgate_auth::delegation::AuthType::Kerberos,
+                    }),
+                    AuthType::Credssp => Ok(MoveCredential::ActFor {
+                        acting: &r.acting,
+                        host,
+                        auth: vmgate_auth::delegation::AuthType::Credssp,
+                    }),
+                    AuthType::Host => Ok(MoveCredential::Host { host }),
+                }
+            }
+        }
+    }
+
+    fn host_credential<'a>(&self) -> Result<MoveCredential<'a>, Response> {
+        self.host
+            .clone()
+            .map(|host| MoveCredential::Host { host })
+            .ok_or_else(|| Response::error(ErrorCode::Failed, "this host has no keytab credential"))
+    }
+
+    fn run_move_job(
+        &self,
+        caller: &Caller,
+        req: &MoveRequest<'_>,
+        destination: &str,
+        m: &MigrationSettings,
+        replies: &mut Replies<'_>,
+    ) -> Response {
+        let user = match caller {
+            Caller::Remote(r) => r.principal.clone(),
+            Caller::Local(_) => caller.describe(),
+        };
+        let mut job = self.jobs.submit(
+            JobKind::Live,
+            Direction::Outgoing,
+            req.vm,
+            destination,
+            &user,
+        );
+        let id = job.id().to_owned();
+        let vm = req.vm.to_owned();
+        let migration = Arc::clone(&self.migration);
+        let limit = move || read(&migration).max_live_moves;
+        let events = self.events.clone();
+        let waited = job.wait_for_slot(&limit, &mut |position, limit| {
+            events.emit(Event::MigrationQueued {
+                job: id.clone(),
+                vm: vm.clone(),
+                kind: MoveKind::Live,
+                position: u32::try_from(position).unwrap_or(u32::MAX),
+                limit,
+            });
+            let _ = replies.send(&Response::Progress {
+                progress: serde_json::json!({
+                    "job": id, "phase": "queued", "position": position, "limit": limit,
+                }),
+            });
+        });
+        let waited = match waited {
+            Ok(w) => w,
+            Err(e) => {
+                return Response::error(
+                    ErrorCode::Cancelled,
+                    format!("{e}; {} keeps running here", req.vm),
+                );
+            }
+        };
+        if !waited.is_zero() {
+            self.events.emit(Event::MigrationDequeued {
+                job: id.clone(),
+                vm: vm.clone(),
+                kind: MoveKind::Live,
+                waited_ms: u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
+            });
+        }
+        let cancel = job.cancel_token().clone();
+        let mut announced = false;
+        let mut last_phase = None;
+        let (outcome, _) = move_vm(
+            &self.vms,
+            req,
+            MoveMode::Move,
+            &cancel,
+            &mut |p: &Progress| {
+                if !announced {
+                    announced = true;
+                    self.events.emit(Event::MigrationStarted {
+                        job: id.clone(),
+                        vm: vm.clone(),
+                        kind: MoveKind::Live,
+                        source: self.config.host_name.clone(),
+                        destination: destination.to_owned(),
+                        user: user.clone(),
+                    });
+                }
+                if last_phase != Some(p.phase) {
+                    last_phase = Some(p.phase);
+                    if let Some(phase) = event_phase(p.phase) {
+                        self.events.emit(Event::MigrationPhase {
+                            job: id.clone(),
+                            vm: vm.clone(),
+                            phase,
+                        });
+                    }
+                }
+                let mut v = serde_json::to_value(p).unwrap_or_default();
+                if let Some(o) = v.as_object_mut() {
+                    o.insert("job".into(), id.clone().into());
+                }
+                job.progress(v.clone());
+                let _ = replies.send(&Response::Progress { progress: v });
+            },
+        );
+        match outcome.result {
+            Ok(stats) => {
+                let downtime_ms = whole_ms(stats.downtime_ms);
+                self.events.emit(Event::MigrationCompleted {
+                    job: id.clone(),
+                    vm: vm.clone(),
+                    total_ms: whole_ms(stats.total_ms),
+                    downtime_ms,
+                    bytes: stats.bytes_on_wire,
+                });
+                let target = u64::from(m.downtime_target_ms);
+                if downtime_ms > target {
+                    self.events.emit(Event::LongDowntime {
+                        job: id.clone(),
+                        vm: vm.clone(),
+                        downtime_ms,
+                        target_ms: target,
+                    });
+                }
+                job.finish(
+                    JobState::Completed,
+                    format!(
+                        "{vm} runs on {destination}: total {:.0} ms, downtime {:.1} ms, {} bytes",
+                        stats.total_ms, stats.downtime_ms, stats.bytes_on_wire
+                    ),
+                );
+                Response::Moved(Box::new(MoveSummary {
+                    job: id,
+                    vm,
+                    destination: destination.to_owned(),
+                    address: outcome.address,
+                    user: outcome.user,
+                    method: outcome.method,
+                    stats: serde_json::to_value(&stats).unwrap_or_default(),
+                }))
+            }
+            Err(f) => {
+                let (code, code_name) = match &f.win_code {
+                    Some(c) => (c.clone(), win_name(c)),
+                    None => ("0x80004005".into(), "E_FAIL".into()),
+                };
+                let (cause, fix) = split_fix(&f.message);
+                self.events.emit(Event::MigrationFailed {
+                    job: id.clone(),
+                    vm: vm.clone(),
+                    code,
+                    code_name,
+                    cause,
+                    fix,
+                });
+                let state = if f.kind == FailureKind::Cancelled {
+                    JobState::Cancelled
+                } else {
+                    JobState::Failed
+                };
+                job.finish(state, f.message.clone());
+                let mut r = failure_response(&f);
+                if let Response::Error(e) = &mut r {
+                    e.message = format!("job {id}: {}", e.message);
+                }
+                r
+            }
+        }
+    }
+
+    /// The destination's options: its checks of an arriving VM and its lifecycle events.
+    pub fn destination_options(
+        &self,
+        peers: Arc<Mutex<HashMap<String, String>>>,
+    ) -> DestinationOptions {
+        let me = self.clone();
+        let check = self.clone();
+        DestinationOptions {
+            host_check: Some(Box::new(move |vm: &VmConfig| check.arrival_check(vm))),
+            on_event: Box::new(move |e| me.received_event(&peers, e)),
+            vm_options: {
+                let vms = self.vms.clone();
+                Box::new(move |c: &VmConfig| vms.options_for(&c.name))
+            },
+            hidden_cpu_features: self.config.testing.hidden_cpu_features.clone(),
+            ..DestinationOptions::default()
+        }
+    }
+
+    fn arrival_check(&self, vm: &VmConfig) -> Vec<EngineIncompatibility<'static>> {
+        let m = self.migration();
+        let host = &self.config.host_name;
+        let mut report = Vec::new();
+        if !m.enabled {
+            report.push(EngineIncompatibility {
+                id: incompatibility::DISABLED,
+                message: format!(
+                    "live migration is disabled on {host} (Hyper-V: Enable-VMMigration); fix: vmgate --host {host} host enable"
+                )
+                .into(),
+            });
+        }
+        // This move is already counted as running (its Started event came first).
+        let running = self.jobs.running(JobKind::Live);
+        if running > m.max_live_moves {
+            report.push(EngineIncompatibility {
+                id: incompatibility::BUSY,
+                message: format!(
+                    "{host} already runs {} live moves, its limit (max_live_moves = {}); retry when one ends, or raise it: vmgate --host {host} host set --max-live-moves N",
+                    running - 1,
+                    m.max_live_moves
+                )
+                .into(),
+            });
+        }
+        if self.vms.get(&vm.name).is_some() || self.vms.show(&vm.name).is_ok() {
+            report.push(EngineIncompatibility {
+                id: incompatibility::CONFIG,
+                message: format!("a VM named \"{}\" already exists on {host}", vm.name).into(),
+            });
+        }
+        report.extend(compat::switch_check(&self.config.switches, host, vm));
+        report
+    }
+
+    fn received_event(&self, peers: &Mutex<HashMap<String, String>>, e: ReceivedEvent) {
+        let mut peers = peers.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut incoming = self.incoming.lock().unwrap_or_else(PoisonError::into_inner);
+        match e {
+            ReceivedEvent::Started { session, peer } => {
+                let (user, source) = peer.split_once(" from ").unwrap_or(("", &peer));
+                let job = self
+                    .jobs
+                    .submit(JobKind::Live, Direction::Incoming, "", source, user);
+                incoming.insert(session.to_string(), job);
+                peers.insert(session.to_string(), peer);
+            }
+            ReceivedEvent::Checked {
+                session,
+                vm,
+                refused,
+            } => {
+                let key = session.to_string();
+                let peer = peers.get(&key).cloned().unwrap_or_default();
+                let (user, source) = peer.split_once(" from ").unwrap_or(("", &peer));
+                let job_id = incoming.get(&key).map(|j| {
+                    j.set_vm(&vm);
+                    j.id().to_owned()
+                });
+                let job_id = job_id.unwrap_or(key.clone());
+                if refused.is_empty() {
+                    self.events.emit(Event::MigrationStarted {
+                        job: job_id,
+                        vm,
+                        kind: MoveKind::Live,
+                        source: source.to_owned(),
+                        destination: self.config.host_name.clone(),
+                        user: user.to_owned(),
+                    });
+                } else {
+                    let cause = refused.join("; ");
+                    self.events.emit(generic_failure(job_id, vm, cause.clone()));
+                    if let Some(j) = incoming.remove(&key) {
+                        j.finish(JobState::Failed, format!("refused: {cause}"));
+                    }
+                }
+            }
+            ReceivedEvent::Resumed { session, vm } => {
+                let key = session.to_string();
+                peers.remove(&key);
+                let job_id = incoming
+                    .get(&key)
+                    .map(|j| j.id().to_owned())
+                    .unwrap_or(key.clone());
+                self.events.emit(Event::MigrationPhase {
+                    job: job_id,
+                    vm: vm.clone(),
+                    phase: MovePhase::Handoff,
+                });
+                if let Some(j) = incoming.remove(&key) {
+                    j.finish(JobState::Completed, format!("{vm} runs here"));
+                }
+            }
+            ReceivedEvent::Discarded { session, reason } => {
+                let key = session.to_string();
+                peers.remove(&key);
+                match incoming.remove(&key) {
+                    Some(j) => {
+                        self.events.emit(generic_failure(
+                            j.id().to_owned(),
+                            String::new(),
+                            reason.clone(),
+                        ));
+                        j.finish(JobState::Failed, reason);
+                    }
+                    None => {
+                        self.events
+                            .emit(generic_failure(key, String::new(), reason));
+                    }
+                }
+            }
+        }
+    }
+
+    /// A VM arrived: list it, then announce its NICs' MACs on the mapped switches'
+    /// interfaces (gratuitous ARP), so that the network finds it here.
+    pub fn arrived(&self, v: ReceivedVm, who: &str) {
+        let config = v.vm.config().clone();
+        let name = config.name.clone();
+        if let Err(e) = self.vms.add(v.vm, format!("moved here by {who}")) {
+            eprintln!("vmgated: {name} arrived but cannot be listed: {e}");
+            return;
+        }
+        for (i, nic) in config.nics.iter().enumerate() {
+            let Some(interface) = compat::interface_for(&self.config.switches, &nic.switch) else {
+                continue;
+            };
+            let Ok(mac) = vmgate_migrate::vm::config::parse_mac(&nic.mac) else {
+                continue;
+            };
+            if let Err(e) = super::arp::announce(interface, mac) {
+                eprintln!(
+                    "vmgated: {name} NIC {i}: the gratuitous ARP for {} on {interface} failed: {e}",
+                    nic.mac
+                );
+            }
+        }
+    }
+}
+
+impl ControlHandler for Service {
+    fn handle(&self, caller: &Caller, request: Request, replies: &mut Replies<'_>) -> Response {
+        let vm_result = |r: Result<String, VmOpError>| match r {
+            Ok(message) => Response::Done { message },
+            Err(e) => vm_error(&e),
+        };
+        match request {
+            Request::Version => Response::Version(VersionInfo::current()),
+            Request::HostShow => Response::Host(Box::new(self.host_info())),
+            Request::HostSet { changes } => self.host_set(&changes),
+            Request::VmList => Response::Vms {
+                vms: self.vms.list(),
+            },
+            Request::VmCreate { config } => vm_result(
+                self.vms
+                    .create(&config)
+                    .map(|n| format!("created and started {n}")),
+            ),
+            Request::VmStart { name } => {
+                vm_result(self.vms.start(&name).map(|()| format!("started {name}")))
+            }
+            Request::VmStop { name } => {
+                vm_result(self.vms.stop(&name).map(|()| format!("turned {name} off")))
+            }
+            Request::VmShow { name } => match self.vms.show(&name) {
+                Ok(d) => Response::Vm(Box::new(d)),
+                Err(e) => vm_error(&e),
+            },
+            Request::VmCheck { name } => match self.vms.check(&name) {
+                Ok(r) => Response::Checked(r),
+                Err(e) => vm_error(&e),
+            },
+            Request::VmConsole { name, offset } => match self.vms.console(&name, offset) {
+                Ok((text, next_offset)) => Response::Console { text, next_offset },
+                Err(e) => vm_error(&e),
+            },
+            Request::Move(spec) => self.start_move(caller, &spec, MoveMode::Move, replies),
+            Request::Compare(spec) => self.start_move(caller, &spec, MoveMode::Compare, replies),
+            Request::JobsList => Response::Jobs {
+                jobs: self.jobs.list(),
+            },
+            Request::JobShow { id } => match self.jobs.get(&id) {
+                Some(j) => Response::Job(Box::new(j)),
+                None => Response::error(
+                    ErrorCode::NotFound,
+                    format!("no job \"{id}\" on this host (vmgate jobs list)"),
+                ),
+            },
+            Request::JobCancel { id } => {
+                match self
+                    .jobs
+                    .cancel(&id, &format!("cancelled by {}", caller.describe()))
+                {
+                    Ok(j) => Response::Job(Box::new(j)),
+                    Err(e) if e.starts_with("no job") => Response::error(ErrorCode::NotFound, e),
+                    Err(e) => Response::error(ErrorCode::Refused, e),
+                }
+            }
+        }
+    }
+}
+
+fn vm_error(e: &VmOpError) -> Response {
+    match e {
+        VmOpError::NotFound(m) => Response::error(ErrorCode::NotFound, m.clone()),
+        VmOpError::Refused(m) => Response::error(ErrorCode::Refused, m.clone()),
+        VmOpError::Failed(m) => Response::error(ErrorCode::Failed, m.clone()),
+    }
+}
+
+fn failure_response(f: &MoveFailure) -> Response {
+    let code = match f.kind {
+        FailureKind::Denied => ErrorCode::Denied,
+        FailureKind::Unreachable => ErrorCode::Unreachable,
+        FailureKind::Refused => ErrorCode::Refused,
+        FailureKind::Cancelled => ErrorCode::Cancelled,
+        FailureKind::NotFound => ErrorCode::NotFound,
+        FailureKind::Failed => ErrorCode::Failed,
+    };
+    Response::Error(ErrorReply {
+        code,
+        message: f.message.clone(),
+        win_code: f.win_code.clone(),
+    })
+}
+
+/// The engine's phase as the event log names it.
+fn event_phase(p: Phase) -> Option<MovePhase> {
+    match p {
+        Phase::Setup => Some(MovePhase::Setup),
+        Phase::PreCopy => Some(MovePhase::MemoryPrecopy),
+        Phase::Switchover => Some(MovePhase::Switchover),
+        Phase::Handoff => Some(MovePhase::Handoff),
+        Phase::Completed | Phase::Cancelled | Phase::Failed => None,
+    }
+}
+
+/// A move that failed for a reason without its own Windows code (E_FAIL, as Hyper-V's
+/// generic migration failure), with the engine's cause.
+pub fn generic_failure(job: String, vm: String, cause: String) -> Event {
+    Event::MigrationFailed {
+        job,
+        vm,
+        code: "0x80004005".into(),
+        code_name: "E_FAIL".into(),
+        cause,
+        fix: None,
+    }
+}
+
+/// The symbolic name of a Windows code in hex (`SEC_E_NO_CREDENTIALS`).
+fn win_name(hex: &str) -> String {
+    vmgate_auth::winerr::WinCode::ALL
+        .iter()
+        .find(|c| c.hex().eq_ignore_ascii_case(hex))
+        .map_or_else(|| hex.to_owned(), |c| c.name().to_owned())
+}
+
+/// A diagnosis' text split into its cause and its fix (`  fix:   ...` lines).
+fn split_fix(message: &str) -> (String, Option<String>) {
+    match message.split_once("\n  fix:") {
+        Some((cause, fix)) => (cause.to_owned(), Some(fix.trim().to_owned())),
+        None => (message.to_owned(), None),
+    }
+}
+
+fn whole_ms(v: f64) -> u64 {
+    if v.is_finite() && v > 0.0 {
+        // Milliseconds of a move: far below u64::MAX.
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "finite, positive, and rounded"
+        )]
+        let r = v.round() as u64;
+        r
+    } else {
+        0
+    }
+}
+
+/// `FROM=TO` switch renames.
+pub fn parse_switch_map(items: &[String]) -> Result<Vec<(String, String)>, String> {
+    items
+        .iter()
+        .map(|i| match i.split_once('=') {
+            Some((a, b)) if !a.trim().is_empty() && !b.trim().is_empty() => {
+                Ok((a.trim().to_owned(), b.trim().to_owned()))
+            }
+            _ => Err(format!(
+                "\"{i}\" is not a switch mapping: use FROM=TO (the source's switch name, then this destination's)"
+            )),
+        })
+        .collect()
+}
+
+/// Applies `host set` changes to a copy of the settings (validated by the caller).
+pub fn apply_changes(m: &mut MigrationSettings, c: &HostChanges) -> Result<(), String> {
+    if let Some(v) = c.enabled {
+        m.enabled = v;
+    }
+    if let Some(a) = &c.auth {
+        m.auth = match a.to_ascii_lowercase().as_str() {
+            "kerberos" => AuthType::Kerberos,
+            "credssp" => AuthType::Credssp,
+            "host" => AuthType::Host,
+            other => {
+                return Err(format!(
+                    "\"{other}\" is not an authentication type: kerberos, credssp or host"
+                ));
+            }
+        };
+    }
+    if let Some(v) = c.max_live_moves {
+        m.max_live_moves = v;
+    }
+    if let Some(v) = c.max_storage_moves {
+        m.max_storage_moves = v;
+    }
+    if let Some(p) = &c.performance {
+        m.performance = match p.to_ascii_lowercase().as_str() {
+            "tcpip" => Performance::Tcpip,
+            "compression" => Performance::Compression,
+            "multichannel" => Performance::Multichannel,
+            other => {
+                return Err(format!(
+                    "\"{other}\" is not a performance option: tcpip, compression or multichannel"
+                ));
+            }
+        };
+    }
+    if let Some(b) = &c.bandwidth_limit {
+        m.bandwidth_limit = if b.eq_ignore_ascii_case("off") || b.eq_ignore_ascii_case("none") {
+            None
+        } else {
+            Some(b.parse::<Bandwidth>().map_err(|e| e.to_string())?)
+        };
+    }
+    if let Some(v) = c.downtime_target_ms {
+        m.downtime_target_ms = v;
+    }
+    if let Some(v) = c.any_network {
+        m.any_network = v;
+    }
+    if let Some(list) = &c.networks {
+        m.networks = list
+            .iter()
+            .map(|n| MigrationNetwork::parse(n))
+            .collect::<Result<_, _>>()?;
+    }
+    Ok(())
+}
+
+/// A destination's migration addresses in the order it offers them: its listen addresses on
+/// its migration networks by priority (then the others), or all of them in order with "any
+/// network".
+pub fn offered_addresses(config: &Config) -> Vec<SocketAddr> {
+    let m = &config.migration;
+    if m.any_network || m.networks.is_empty() {
+        return config.listen.clone();
+    }
+    let mut ranked: Vec<(u32, usize, SocketAddr)> = config
+        .listen
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let prio = m
+                .networks_by_priority()
+                .iter()
+                .find(|n| n.subnet.contains(a.ip()))
+                .map_or(u32::MAX, |n| n.priority);
+            (prio, i, *a)
+        })
+        .collect();
+    ranked.sort_by_key(|(p, i, _)| (*p, *i));
+    ranked.into_iter().map(|(_, _, a)| a).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_set_changes_are_parsed_and_bad_ones_named() {
+        let mut m = MigrationSettings::default();
+        apply_changes(
+            &mut m,
+            &HostChanges {
+                enabled: Some(true),
+                auth: Some("CredSSP".into()),
+                max_live_moves: Some(3),
+                performance: Some("multichannel".into()),
+                bandwidth_limit: Some("100MiB/s".into()),
+                networks: Some(vec!["10.0.20.0/24:1".into(), "10.0.10.0/24".into()]),
+                ..HostChanges::default()
+            },
+        )
+        .unwrap();
+        assert!(m.enabled);
+        assert_eq!(m.auth, AuthType::Credssp);
+        assert_eq!(m.max_live_moves, 3);
+        assert_eq!(m.performance, Performance::Multichannel);
+        assert_eq!(m.bandwidth_limit.unwrap().bytes_per_second(), 100 << 20);
+        assert_eq!(m.networks.len(), 2);
+        assert_eq!(m.networks[0].priority, 1);
+        assert_eq!(m.networks[1].priority, 0);
+        apply_changes(
+            &mut m,
+            &HostChanges {
+                bandwidth_limit: Some("off".into()),
+                ..HostChanges::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(m.bandwidth_limit, None);
+        let bad =
+            |c: HostChanges| apply_changes(&mut MigrationSettings::default(), &c).unwrap_err();
+        assert!(
+            bad(HostChanges {
+                auth: Some("ntlm".into()),
+                ..HostChanges::default()
+            })
+            .contains("kerberos, credssp or host")
+        );
+        assert!(
+            bad(HostChanges {
+                networks: Some(vec!["10.0.0.0/33".into()]),
+                ..HostChanges::default()
+            })
+            .contains("is not a network")
+        );
+        assert!(
+            bad(HostChanges {
+                networks: Some(vec!["10.0.0.0/8:high".into()]),
+                ..HostChanges::default()
+            })
+            .contains("priority must be a number")
+        );
+    }
+
+    #[test]
+    fn switch_maps_need_both_names() {
+        assert_eq!(
+            parse_switch_map(&["Lab = Lab2".into()]).unwrap(),
+            [("Lab".to_owned(), "Lab2".to_owned())]
+        );
+        assert!(
+            parse_switch_map(&["Lab".into()])
+                .unwrap_err()
+                .contains("FROM=TO")
+        );
+        assert!(parse_switch_map(&["=Lab2".into()]).is_err());
+    }
+
+    #[test]
+    fn addresses_are_offered_by_network_priority() {
+        let text = r#"host_name = "hv2"
+fqdn = "hv2.lab.example.test"
+realm = "LAB.EXAMPLE.TEST"
+listen = ["127.0.0.12:6600", "10.0.10.12:6600", "10.0.20.12:6600"]
+[directory]
+url = "ldap://dc1"
+[migration]
+enabled = true
+networks = [{ subnet = "10.0.10.0/24", priority = 1 }, { subnet = "10.0.20.0/24", priority = 0 }]
+"#;
+        let c = Config::parse(text, std::path::Path::new("t.toml")).unwrap();
+        let order: Vec<String> = offered_addresses(&c)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            order,
+            ["10.0.20.12:6600", "10.0.10.12:6600", "127.0.0.12:6600"]
+        );
+    }
+}

@@ -1,0 +1,358 @@
+//! Reaching a host's daemon: resolving `--host`, and talking to it over its local control
+//! socket ("logged on to the host") or through its gateway (TLS 1.3 + Kerberos as the
+//! caller, authorized by the host's admin group: "a workstation").
+//!
+//! `--host H` is resolved, in order:
+//! 1. `$VMGATE_LAB_DIR/H/vmgated.toml` (the demo lab, `tests/lab/up`);
+//! 2. `/etc/vmgate/vmgated.toml` when its `host_name` or `fqdn` is H (this machine);
+//! 3. H as a DNS name, port 6600 (`H.<realm>` when H has no dot; the realm from
+//!    `VMGATE_REALM`).
+//!
+//! With a configuration file at hand the CLI knows the host's control socket, its FQDN and
+//! realm, and the migration addresses it offers, by priority. Without `--host`, the daemon of
+//! this machine is used through its socket (`--socket`, or the one in
+//! `/etc/vmgate/vmgated.toml`, or `/run/vmgate/vmgated.sock`).
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use vmgate::daemon::config::Config;
+use vmgate::daemon::local::{ControlClient, LocalClient, LocalError, Request, Response};
+use vmgate::host::service::offered_addresses;
+use vmgate_auth::Diagnosis;
+use vmgate_auth::channel::{
+    self, AuthenticatedStream, ClientSettings, ConnectRequest, Purpose, Route, Target,
+};
+use vmgate_auth::krb::{AuthFacts, Credential, UserCredential};
+use vmgate_auth::spn::Spn;
+use vmgate_auth::tls::TlsContext;
+
+use crate::exit;
+
+/// The system configuration file of this machine's daemon.
+pub const SYSTEM_CONFIG: &str = "/etc/vmgate/vmgated.toml";
+/// The default control socket.
+pub const DEFAULT_SOCKET: &str = "/run/vmgate/vmgated.sock";
+/// The gateway's default port.
+pub const DEFAULT_PORT: u16 = 6600;
+/// The migration SPN's service class.
+pub const SPN_CLASS: &str = "Microsoft Virtual System Migration Service";
+
+/// Why the CLI could not talk to a daemon, with the exit code it maps to.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The host name cannot be resolved.
+    #[error("cannot resolve the host \"{host}\": {why}")]
+    Resolve {
+        /// The name.
+        host: String,
+        /// Why.
+        why: String,
+    },
+    /// The daemon cannot be reached.
+    #[error("{0}")]
+    Unreachable(String),
+    /// Kerberos or authorization refused the connection.
+    #[error("{0}")]
+    Denied(Diagnosis),
+    /// The caller's credential cannot be used.
+    #[error("{0}")]
+    Credential(String),
+    /// The conversation failed.
+    #[error("the daemon's answer could not be read")]
+    Protocol(#[source] LocalError),
+}
+
+impl ControlError {
+    /// The exit code.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ControlError::Resolve { .. } => exit::NOT_FOUND,
+            ControlError::Unreachable(_) | ControlError::Protocol(_) => exit::UNREACHABLE,
+            ControlError::Denied(_) | ControlError::Credential(_) => exit::DENIED,
+        }
+    }
+
+    /// The diagnosis of a refusal.
+    pub fn diagnosis(&self) -> Option<&Diagnosis> {
+        match self {
+            ControlError::Denied(d) => Some(d),
+            _ => None,
+        }
+    }
+}
+
+/// A host as the CLI knows it.
+#[derive(Debug, Clone)]
+pub struct HostTarget {
+    /// The short name (`hv1`).
+    pub name: String,
+    /// The DNS name (its SPN's host).
+    pub fqdn: String,
+    /// The realm, when known.
+    pub realm: Option<String>,
+    /// The local control socket, when the host's configuration is on this machine.
+    pub socket: Option<PathBuf>,
+    /// Its gateway addresses, in the order it offers them for migration.
+    pub addresses: Vec<SocketAddr>,
+}
+
+impl HostTarget {
+    fn from_config(c: &Config) -> HostTarget {
+        HostTarget {
+            name: c.host_name.clone(),
+            fqdn: c.fqdn.clone(),
+            realm: Some(c.realm.clone()),
+            socket: Some(c.control_socket.clone()),
+            addresses: offered_addresses(c),
+        }
+    }
+
+    /// The host's migration SPN (`Microsoft Virtual System Migration Service/hv1.lab...`).
+    pub fn spn(&self) -> Result<Spn, ControlError> {
+        Spn::new(SPN_CLASS, &self.fqdn).map_err(|e| ControlError::Resolve {
+            host: self.name.clone(),
+            why: e.to_string(),
+        })
+    }
+}
+
+fn load(path: &Path) -> Option<Config> {
+    path.exists().then(|| Config::load(path).ok()).flatten()
+}
+
+/// Resolves `--host` (see the module documentation). `None`: this machine.
+pub fn resolve(host: Option<&str>, socket: Option<&Path>) -> Result<HostTarget, ControlError> {
+    let Some(name) = host else {
+        let mut t = match load(Path::new(SYSTEM_CONFIG)) {
+            Some(c) => HostTarget::from_config(&c),
+            None => HostTarget {
+                name: "localhost".into(),
+                fqdn: "localhost".into(),
+                realm: std::env::var("VMGATE_REALM").ok(),
+                socket: Some(PathBuf::from(DEFAULT_SOCKET)),
+                addresses: Vec::new(),
+            },
+        };
+        if let Some(s) = socket {
+            t.socket = Some(s.to_owned());
+        }
+        return Ok(t);
+    };
+    let short = name.split('.').next().unwrap_or(name).to_ascii_lowercase();
+    if let Some(dir) = std::env::var_os("VMGATE_LAB_DIR") {
+        let path = Path::new(&dir).join(&short).join("vmgated.toml");
+        if path.exists() {
+            let c = Config::load(&path).map_err(|e| ControlError::Resolve {
+                host: name.to_owned(),
+                why: e.to_string(),
+            })?;
+            return Ok(with_socket(HostTarget::from_config(&c), socket));
+        }
+    }
+    if let Some(c) = load(Path::new(SYSTEM_CONFIG))
+        && (c.host_name.eq_ignore_ascii_case(name) || c.fqdn.eq_ignore_ascii_case(name))
+    {
+        return Ok(with_socket(HostTarget::from_config(&c), socket));
+    }
+    let realm = std::env::var("VMGATE_REALM").ok();
+    let fqdn = if name.contains('.') {
+        name.to_ascii_lowercase()
+    } else {
+        match &realm {
+            Some(r) => format!("{short}.{}", r.to_ascii_lowercase()),
+            None => {
+                return Err(ControlError::Resolve {
+                    host: name.to_owned(),
+                    why: "give its DNS name (hv2.lab.example.test) or set VMGATE_REALM".into(),
+                });
+            }
+        }
+    };
+    let addresses: Vec<SocketAddr> = (fqdn.as_str(), DEFAULT_PORT)
+        .to_socket_addrs()
+        .map_err(|e| ControlError::Resolve {
+            host: name.to_owned(),
+            why: e.to_string(),
+        })?
+        .collect();
+    Ok(HostTarget {
+        name: short,
+        fqdn,
+        realm,
+        socket: socket.map(Path::to_owned),
+        addresses,
+    })
+}
+
+fn with_socket(mut t: HostTarget, socket: Option<&Path>) -> HostTarget {
+    if let Some(s) = socket {
+        t.socket = Some(s.to_owned());
+    }
+    t
+}
+
+/// How to reach the daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// Local when the host's socket is on this machine, remote otherwise.
+    Auto,
+    /// The local control socket.
+    Local,
+    /// The gateway.
+    Remote,
+}
+
+/// An open conversation with a daemon.
+#[derive(Debug)]
+pub enum Session {
+    /// Over the local socket.
+    Local(LocalClient),
+    /// Through the gateway.
+    Remote(Box<ControlClient<AuthenticatedStream>>),
+}
+
+impl Session {
+    /// Whether the daemon is on this machine's socket (moves hand over the caller's ticket).
+    pub fn is_local(&self) -> bool {
+        matches!(self, Session::Local(_))
+    }
+
+    /// Sends a request; `on_progress` sees each progress line.
+    pub fn call_with(
+        &mut self,
+        request: &Request,
+        on_progress: impl FnMut(&Response),
+    ) -> Result<Response, ControlError> {
+        match self {
+            Session::Local(c) => c.call_with(request, on_progress),
+            Session::Remote(c) => c.call_with(request, on_progress),
+        }
+        .map_err(ControlError::Protocol)
+    }
+
+    /// Sends a request and returns the final answer.
+    pub fn call(&mut self, request: &Request) -> Result<Response, ControlError> {
+        self.call_with(request, |_| {})
+    }
+}
+
+/// The caller's credential cache: `--ccache`, else `KRB5CCNAME`, else the default file.
+pub fn caller_ccache(explicit: Option<&str>) -> String {
+    if let Some(c) = explicit {
+        return c.to_owned();
+    }
+    std::env::var("KRB5CCNAME")
+        .unwrap_or_else(|_| format!("FILE:/tmp/krb5cc_{}", nix::unistd::getuid()))
+}
+
+/// The bytes of a FILE credential cache (to hand over on the local socket).
+pub fn ccache_bytes(ccache: &str) -> Result<Vec<u8>, ControlError> {
+    let path = ccache.strip_prefix("FILE:").unwrap_or(ccache);
+    if path.contains(':') && !path.starts_with('/') {
+        return Err(ControlError::Credential(format!(
+            "the credential cache {ccache} is not a file: handing a ticket to the daemon needs a FILE: cache (kinit -c FILE:/tmp/krb5cc_me ...)"
+        )));
+    }
+    std::fs::read(path).map_err(|e| {
+        ControlError::Credential(format!(
+            "cannot read your credential cache {path}: {e}; fix: kinit (with a forwardable ticket: kinit -f)"
+        ))
+    })
+}
+
+/// Opens a session with the host.
+pub fn open(
+    target: &HostTarget,
+    transport: Transport,
+    ccache: Option<&str>,
+    forward_credentials: bool,
+) -> Result<Session, ControlError> {
+    let local_ok = target.socket.as_deref().is_some_and(Path::exists);
+    let local = match transport {
+        Transport::Local => true,
+        Transport::Remote => false,
+        Transport::Auto => local_ok && !forward_credentials,
+    };
+    if local {
+        let path = target
+            .socket
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
+        return LocalClient::connect(&path)
+            .map(Session::Local)
+            .map_err(|e| {
+                ControlError::Unreachable(format!(
+                    "{} (is vmgated running on {}?)",
+                    crate::output::error_chain(&e),
+                    target.name
+                ))
+            });
+    }
+    let realm = target.realm.clone().ok_or_else(|| ControlError::Resolve {
+        host: target.name.clone(),
+        why: "its realm is unknown: set VMGATE_REALM".into(),
+    })?;
+    let cc = caller_ccache(ccache);
+    let credential: Credential = UserCredential::from_ccache(&cc).map_err(|e| {
+        ControlError::Denied(vmgate_auth::krb::diagnose::diagnose(
+            &e,
+            &AuthFacts {
+                realm: Some(realm.clone()),
+                ..AuthFacts::default()
+            },
+        ))
+    })?;
+    let settings = ClientSettings {
+        source: None,
+        tls: TlsContext::ephemeral().map_err(|e| ControlError::Unreachable(e.to_string()))?,
+        realm: realm.clone(),
+        handshake_timeout: Duration::from_secs(10),
+        local_host: None,
+    };
+    let spn = target.spn()?;
+    let mut tried = Vec::new();
+    for addr in &target.addresses {
+        let req = ConnectRequest {
+            target: Target {
+                addr: *addr,
+                spn: spn.clone(),
+            },
+            purpose: Purpose::Control,
+            forward_tgt: forward_credentials,
+            route: Route::OwnTicket,
+            via: String::new(),
+            facts: AuthFacts {
+                realm: Some(realm.clone()),
+                target_spn: Some(spn.clone()),
+                peer_host: Some(target.name.clone()),
+                ..AuthFacts::default()
+            },
+        };
+        match channel::connect(&settings, &req, &credential) {
+            Ok(ch) => return Ok(Session::Remote(Box::new(ControlClient::over(ch.stream)))),
+            Err(e) => match e.diagnosis() {
+                Some(d)
+                    if !matches!(
+                        e,
+                        vmgate_auth::channel::ChannelError::Connect { .. }
+                            | vmgate_auth::channel::ChannelError::TimedOut { .. }
+                    ) =>
+                {
+                    return Err(ControlError::Denied(d));
+                }
+                _ => tried.push(format!("{addr}: {}", crate::output::error_chain(&e))),
+            },
+        }
+    }
+    Err(ControlError::Unreachable(if tried.is_empty() {
+        format!("{} has no known address", target.name)
+    } else {
+        format!(
+            "cannot reach vmgated on {}:\n  {}",
+            target.name,
+            tried.join("\n  ")
+        )
+    }))
+}
