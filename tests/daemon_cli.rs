@@ -42,7 +42,7 @@ fn setup(extra: &str) -> Setup {
 fqdn = "hv9.lab.example.test"
 realm = "LAB.EXAMPLE.TEST"
 keytab = "{}"
-listen = ["127.0.0.19"]
+listen = ["127.0.0.19:{port}"]
 state_dir = "{}"
 control_socket = "{}"
 {extra}
@@ -51,7 +51,12 @@ url = "ldap://127.0.0.1:9"
 "#,
             keytab.display(),
             state.display(),
-            socket.display()
+            socket.display(),
+            port = std::net::TcpListener::bind("127.0.0.19:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port(),
         ),
     )
     .unwrap();

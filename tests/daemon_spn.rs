@@ -54,7 +54,7 @@ fqdn = "{fqdn}"
 realm = "{realm}"
 keytab = "{keytab}"
 account = "{sam}"
-listen = ["127.0.0.19"]
+listen = ["127.0.0.19:{port}"]
 krb5_config = "{krb5}"
 state_dir = "{state}"
 control_socket = "{socket}"
@@ -62,6 +62,11 @@ control_socket = "{socket}"
 [directory]
 url = "ldap://{dc_ip}"
 "#,
+            port = std::net::TcpListener::bind("127.0.0.19:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port(),
             short = account.name.to_ascii_lowercase(),
             fqdn = account.fqdn,
             realm = domain.realm,

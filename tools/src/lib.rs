@@ -8,6 +8,7 @@
 pub mod conn;
 pub mod control;
 pub mod delegation;
+pub mod doctor;
 pub mod exit;
 pub mod manage;
 pub mod output;

@@ -729,10 +729,12 @@ impl Bar {
         } else {
             let sent = p["bytes_sent"].as_f64().unwrap_or(0.0);
             let left = p["bytes_remaining"].as_f64().unwrap_or(0.0);
-            let pct = if sent + left > 0.0 {
-                100.0 * sent / (sent + left)
-            } else {
-                0.0
+            // The rest of the memory shrinks round by round; once the source paused the
+            // guest, only the handoff is left.
+            let pct = match phase.as_str() {
+                "switchover" | "handoff" | "completed" => 100.0,
+                _ if sent + left > 0.0 => 100.0 * sent / (sent + left),
+                _ => 0.0,
             };
             let rate = p["rate_bytes_s"].as_f64().unwrap_or(0.0);
             let eta = if rate > 0.0 { left / rate } else { 0.0 };
