@@ -599,3 +599,112 @@ fn vms_are_listed_stopped_started_and_their_console_read() {
     assert_eq!(code, 5, "{err}");
     assert!(err.contains("0x80070005"), "{err}");
 }
+
+/// `vmgate doctor --json` as alice; the exit code and the report.
+fn doctor(lab: &Lab, extra: &[&str]) -> (i32, Value) {
+    let mut args = vec!["doctor", "--from", "hv1", "--to", "hv2", "--user", "alice"];
+    args.extend_from_slice(extra);
+    lab.run_json("alice", &args)
+}
+
+fn check<'a>(v: &'a Value, id: &str) -> &'a Value {
+    v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == id)
+        .unwrap_or_else(|| panic!("no check {id}: {v:#}"))
+}
+
+/// The one failing check is `id` with `code`; returns the first line of its fix.
+fn fails_on(code: i32, v: &Value, id: &str, win: &str, exit: i32) -> String {
+    assert_eq!(code, exit, "{v:#}");
+    assert_eq!(v["verdict"]["failed"], 1, "{v:#}");
+    assert_eq!(check(v, id)["status"], "fail", "{v:#}");
+    assert_eq!(check(v, id)["diagnosis"]["code"], win, "{v:#}");
+    let fix = check(v, id)["diagnosis"]["fix"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    fix.lines().next().unwrap().to_owned()
+}
+
+/// Runs a printed `vmgate ...` fix line as alice.
+fn apply(lab: &Lab, fix: &str) {
+    let words: Vec<&str> = fix.split_whitespace().collect();
+    assert_eq!(words[0], "vmgate", "not a vmgate command: {fix}");
+    let (code, out, err) = lab.run("alice", &words[1..]);
+    assert_eq!(code, 0, "{fix}: {out}{err}");
+}
+
+#[test]
+fn doctor_checks_the_daemons_and_each_printed_fix_turns_it_green() {
+    let _s = serial();
+    let mut lab = Lab::start(&["hv1", "hv2"], &|h| {
+        let switch = if h == "hv1" { "Lab" } else { "Lab2" };
+        format!("[[switch]]\nname = \"{switch}\"\ninterface = \"lo\"\n")
+    });
+    chan::set_delegation("hv1", &spns("hv2"));
+    lab.create_vm(
+        "hv1",
+        &format!(
+            "{}[[nic]]\nmac = \"52:54:00:ab:cd:11\"\nswitch = \"Lab\"\n",
+            memstress_vm("doc", 64, 8, "cpu_compat = true")
+        ),
+    );
+    let (code, v) = doctor(&lab, &[]);
+    assert_eq!(code, 0, "{v:#}");
+    for id in [
+        "daemon-reachable",
+        "migration-enabled",
+        "source-allowed",
+        "protocol-version",
+    ] {
+        assert_eq!(check(&v, id)["status"], "pass", "{id}: {v:#}");
+    }
+
+    // Migrations disabled on D.
+    apply(&lab, "vmgate --host hv2 host disable");
+    let (code, v) = doctor(&lab, &[]);
+    let fix = fails_on(code, &v, "migration-enabled", "0x8007274D", 1);
+    assert_eq!(fix, "vmgate --host hv2 host enable");
+    apply(&lab, &fix);
+    assert_eq!(doctor(&lab, &[]).0, 0);
+
+    // S's address not on D's migration networks.
+    apply(
+        &lab,
+        "vmgate --host hv2 host set --any-network false --network 10.99.0.0/16",
+    );
+    let (code, v) = doctor(&lab, &[]);
+    let fix = fails_on(code, &v, "source-allowed", "0x80070005", 1);
+    assert!(fix.contains("127.0.0.11/32"), "{fix}");
+    apply(&lab, &fix);
+    assert_eq!(doctor(&lab, &[]).0, 0);
+
+    // The VM's switch is missing on D; the switch map the fix names makes it fit.
+    let (code, v) = doctor(&lab, &["--vm", "doc"]);
+    assert_eq!(code, 1, "{v:#}");
+    let c = check(&v, "vm-compatible");
+    assert_eq!(c["status"], "fail", "{v:#}");
+    assert_eq!(c["diagnosis"]["code"], "0x80070032", "{v:#}");
+    let cause = c["diagnosis"]["cause"].as_str().unwrap();
+    assert!(
+        cause.contains("[1005]") && cause.contains("--switch-map Lab=Lab2"),
+        "{cause}"
+    );
+    let (code, v) = doctor(&lab, &["--vm", "doc", "--switch-map", "Lab=Lab2"]);
+    assert_eq!(code, 0, "{v:#}");
+    assert_eq!(check(&v, "vm-compatible")["status"], "pass", "{v:#}");
+
+    // D's daemon not running: unreachable (exit 4); started again, green.
+    lab.host_mut("hv2").stop();
+    let (code, v) = doctor(&lab, &[]);
+    let fix = fails_on(code, &v, "daemon-reachable", "0x8007274D", 4);
+    assert!(fix.contains("systemctl start vmgated"), "{fix}");
+    assert_eq!(check(&v, "migration-enabled")["status"], "skip", "{v:#}");
+    lab.restart("hv2");
+    let (code, v) = doctor(&lab, &[]);
+    chan::set_delegation("hv1", &[]);
+    assert_eq!(code, 0, "{v:#}");
+}

@@ -39,11 +39,14 @@ pub enum WinCode {
     ConnectionRefused,
     /// 0x8007274C: the peer did not answer in time.
     TimedOut,
+    /// 0x80070032: the destination cannot take this VM or this source (incompatible
+    /// processor, switch or memory; a protocol version it does not speak).
+    NotSupported,
 }
 
 impl WinCode {
     /// Every code, for tables and tests.
-    pub const ALL: [WinCode; 13] = [
+    pub const ALL: [WinCode; 14] = [
         WinCode::NoCredentials,
         WinCode::UnknownCredentials,
         WinCode::TargetUnknown,
@@ -57,6 +60,7 @@ impl WinCode {
         WinCode::AccessDenied,
         WinCode::ConnectionRefused,
         WinCode::TimedOut,
+        WinCode::NotSupported,
     ];
 
     /// The HRESULT value, e.g. `0x8009030E`.
@@ -75,6 +79,7 @@ impl WinCode {
             WinCode::AccessDenied => 0x8007_0005,
             WinCode::ConnectionRefused => 0x8007_274D,
             WinCode::TimedOut => 0x8007_274C,
+            WinCode::NotSupported => 0x8007_0032,
         }
     }
 
@@ -94,6 +99,7 @@ impl WinCode {
             WinCode::AccessDenied => "E_ACCESSDENIED",
             WinCode::ConnectionRefused => "WSAECONNREFUSED",
             WinCode::TimedOut => "WSAETIMEDOUT",
+            WinCode::NotSupported => "ERROR_NOT_SUPPORTED",
         }
     }
 
@@ -125,6 +131,7 @@ impl WinCode {
                 "A connection attempt failed because the connected party did not properly respond \
                  after a period of time."
             }
+            WinCode::NotSupported => "The request is not supported.",
         }
     }
 

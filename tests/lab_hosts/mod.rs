@@ -196,6 +196,24 @@ any_network = true
         }
     }
 
+    /// Starts a stopped host again with the same configuration and port.
+    pub fn restart(&mut self, name: &str) {
+        let i = self.hosts.iter().position(|h| h.name == name).unwrap();
+        let h = &mut self.hosts[i];
+        h.stop();
+        let log = std::fs::File::create(h.dir.join("vmgated.log")).unwrap();
+        h.child = Some(
+            Command::new(VMGATED)
+                .arg("--config")
+                .arg(h.dir.join("vmgated.toml"))
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        );
+        self.wait_serving(i);
+    }
+
     pub fn host(&self, name: &str) -> &Host {
         self.hosts.iter().find(|h| h.name == name).unwrap()
     }

@@ -7,7 +7,9 @@
 //! then breaks one thing, checks that the doctor fails on the right check with the right
 //! Windows code and a fix, applies the printed fix as printed (`setspn`, `vmgate`, `samba-tool`
 //! lines; samba-tool gets the test DC's `-s smb.conf`, which a real DC finds by itself), and
-//! checks that the next run passes. The accounts are deleted when the test ends.
+//! checks that the next run passes. The accounts are deleted when the test ends. These hosts run
+//! no daemon (`--skip-daemon`); the daemon checks are tested with real vmgated hosts in
+//! tests/moves.rs.
 
 mod common;
 
@@ -122,6 +124,7 @@ impl Lab {
                 "127.0.0.21",
                 "--to-address",
                 "127.0.0.22",
+                "--skip-daemon",
             ]
             .iter()
             .map(|s| (*s).to_owned()),
@@ -597,6 +600,7 @@ fn an_unresolvable_host_fails_and_its_config_resolves_it() {
         &lab.d.name,
         "--from-address",
         "127.0.0.21",
+        "--skip-daemon",
         "--json",
     ];
     // D's name is in no hosts file and no DNS this machine uses. The run is in a network

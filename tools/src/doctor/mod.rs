@@ -27,6 +27,11 @@
 //! | `delegation` | S may act for U towards D for the auth type and the way the move starts (the delegation checker's analysis), confirmed by a live S4U exchange with S's keytab when given | 0x8009030E |
 //! | `user-account` | U is enabled, not locked, not "sensitive and cannot be delegated", not in Protected Users | 0x8009030C, 0x8009030E |
 //! | `user-authorized` | U is a member of D's admin group (`--admin-group`, D's config, or "Hyper-V Administrators") | 0x80070005 |
+//! | `daemon-reachable` | D's vmgated answers on its migration addresses (and its settings can be read: its socket here, or its gateway with the user's ticket) | 0x8007274D |
+//! | `migration-enabled` | D accepts live moves | 0x8007274D |
+//! | `source-allowed` | S's address is on D's migration networks | 0x80070005 |
+//! | `protocol-version` | S's protocol version (its daemon's, else this build's) is one D accepts | 0x80070032 |
+//! | `vm-compatible` | with `--vm`: D's compatibility report for the VM through S's daemon (processor, switches, memory), each reason with its id | 0x80070032 |
 //!
 //! A check whose prerequisite failed (no KDC, no directory) is skipped and says why.
 //!
@@ -50,6 +55,7 @@
 //! [`CheckResult::unreachable`] when the cause is that something did not answer (exit code 4).
 
 mod checks;
+mod daemon;
 pub mod hosts;
 pub mod kdc;
 pub mod keytab;
@@ -152,6 +158,16 @@ pub struct DoctorArgs {
     /// The migration service class.
     #[arg(long, default_value = MIGRATION_SERVICE_CLASS)]
     pub service_class: String,
+    /// Also check that D can take this VM of S (its compatibility report, as `vmgate compare`).
+    #[arg(long, value_name = "VM")]
+    pub vm: Option<String>,
+    /// Switch renames to check the VM with (A=B, repeatable).
+    #[arg(long = "switch-map", value_name = "A=B")]
+    pub switch_map: Vec<String>,
+    /// Check only the domain side (names, KDC, SPNs, keytabs, delegation, the user), not the
+    /// daemons: for hosts whose vmgated is not installed yet.
+    #[arg(long)]
+    pub skip_daemon: bool,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -216,6 +232,10 @@ pub struct Settings {
     pub service_class: String,
     /// The directory connection.
     pub conn: ConnArgs,
+    /// `--vm`: the VM whose compatibility with D is checked.
+    pub vm: Option<String>,
+    /// `--switch-map` for that check.
+    pub switch_map: Vec<String>,
 }
 
 impl Settings {
@@ -290,6 +310,8 @@ impl Settings {
                 .or_else(|| to_config.as_ref().and_then(|c| c.admin_group.clone()))
                 .unwrap_or_else(|| vmgate_auth::authz::DEFAULT_GROUP.to_owned()),
             service_class: args.service_class.clone(),
+            vm: args.vm.clone(),
+            switch_map: args.switch_map.clone(),
             from_config,
             to_config,
             conn,
@@ -426,6 +448,7 @@ pub struct Context {
     kdc: Option<Result<kdc::KdcTime, kdc::KdcError>>,
     directory: Option<Result<Directory, ConnError>>,
     gathered: Option<Result<Gathered, DelegationError>>,
+    daemon_d: Option<Result<vmgate::daemon::local::HostInfo, String>>,
 }
 
 impl Context {
@@ -440,6 +463,7 @@ impl Context {
             kdc: None,
             directory: None,
             gathered: None,
+            daemon_d: None,
         }
     }
 
@@ -559,10 +583,11 @@ pub fn standard_checks() -> Vec<Check> {
     checks::standard()
 }
 
-/// Every check `vmgate doctor` runs: [`standard_checks`], then whatever is appended here (the
-/// daemon checks go here).
+/// Every check `vmgate doctor` runs: [`standard_checks`], then the daemon checks.
 pub fn all_checks() -> Vec<Check> {
-    standard_checks()
+    let mut list = standard_checks();
+    list.extend(daemon::checks());
+    list
 }
 
 /// One check's outcome in the report.
@@ -759,7 +784,12 @@ pub fn run_args(args: &DoctorArgs) -> u8 {
         }
     };
     let mut ctx = Context::new(settings);
-    let report = run_checks(&mut ctx, &all_checks());
+    let checks = if args.skip_daemon {
+        standard_checks()
+    } else {
+        all_checks()
+    };
+    let report = run_checks(&mut ctx, &checks);
     if args.json {
         match serde_json::to_string_pretty(&report) {
             Ok(text) => println!("{text}"),
@@ -803,6 +833,8 @@ mod tests {
             realm: Some("LAB.EXAMPLE.TEST".into()),
             admin_group: "Hyper-V Administrators".into(),
             service_class: MIGRATION_SERVICE_CLASS.into(),
+            vm: None,
+            switch_map: Vec::new(),
             conn: ConnArgs::default(),
         }
     }
@@ -904,7 +936,7 @@ mod tests {
 
     #[test]
     fn the_standard_checks_are_in_the_documented_order() {
-        let ids: Vec<&str> = all_checks().iter().map(|c| c.id).collect();
+        let ids: Vec<&str> = standard_checks().iter().map(|c| c.id).collect();
         assert_eq!(
             ids,
             [
@@ -919,6 +951,17 @@ mod tests {
                 "delegation",
                 "user-account",
                 "user-authorized"
+            ]
+        );
+        let daemon: Vec<&str> = all_checks().iter().skip(ids.len()).map(|c| c.id).collect();
+        assert_eq!(
+            daemon,
+            [
+                "daemon-reachable",
+                "migration-enabled",
+                "source-allowed",
+                "protocol-version",
+                "vm-compatible"
             ]
         );
     }

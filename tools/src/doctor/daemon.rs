@@ -1,0 +1,304 @@
+//! The checks that ask the daemons: D's daemon answers on its migration addresses, D accepts
+//! moves, S's address is on D's migration networks, the protocol versions fit, and (with
+//! `--vm`) D can take the VM — the same reasons, ids and messages a move would get.
+//!
+//! D's and S's settings come from their daemons' `host show` (the local socket when the host's
+//! configuration is on this machine, otherwise its gateway with the user's ticket).
+
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use vmgate::daemon::local::{HostInfo, MoveSpec, Request, Response, VersionInfo};
+use vmgate_auth::Diagnosis;
+use vmgate_auth::netfilter::NetworkFilter;
+use vmgate_auth::winerr::WinCode;
+
+use super::{Check, CheckResult, Context, Status};
+use crate::control::{self, Session, Transport};
+
+/// The daemon checks, in order (appended after the standard ones).
+pub fn checks() -> Vec<Check> {
+    vec![
+        Check {
+            id: "daemon-reachable",
+            title: "D's daemon answers on its migration addresses",
+            run: reachable,
+        },
+        Check {
+            id: "migration-enabled",
+            title: "D accepts live moves",
+            run: enabled,
+        },
+        Check {
+            id: "source-allowed",
+            title: "S's address is on D's migration networks",
+            run: source_allowed,
+        },
+        Check {
+            id: "protocol-version",
+            title: "S's protocol version is one D accepts",
+            run: versions,
+        },
+        Check {
+            id: "vm-compatible",
+            title: "D can take the VM (--vm)",
+            run: vm_compatible,
+        },
+    ]
+}
+
+fn session(ctx: &Context, host: &str) -> Result<Session, String> {
+    let target = control::resolve(Some(host), None).map_err(|e| e.to_string())?;
+    control::open(
+        &target,
+        Transport::Auto,
+        ctx.settings().user_ccache.as_deref(),
+        false,
+    )
+    .map_err(|e| e.to_string())
+}
+
+fn host_info(ctx: &Context, host: &str) -> Result<HostInfo, String> {
+    match session(ctx, host)?.call(&Request::HostShow) {
+        Ok(Response::Host(h)) => Ok(*h),
+        Ok(Response::Error(e)) => Err(e.message),
+        Ok(other) => Err(format!("unexpected answer {other:?}")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// D's settings, asked once.
+fn destination(ctx: &mut Context) -> Result<HostInfo, String> {
+    if ctx.daemon_d.is_none() {
+        let to = ctx.settings().to.clone();
+        ctx.daemon_d = Some(host_info(ctx, &to));
+    }
+    ctx.daemon_d
+        .clone()
+        .unwrap_or_else(|| Err("not asked".into()))
+}
+
+fn reachable(ctx: &mut Context) -> CheckResult {
+    let to = ctx.settings().to.clone();
+    let addrs: Vec<SocketAddr> = ctx.target_addresses().to_vec();
+    if addrs.is_empty() {
+        return CheckResult::skip("D's addresses are unknown (resolve-destination failed)");
+    }
+    let answering: Vec<&SocketAddr> = addrs
+        .iter()
+        .filter(|a| TcpStream::connect_timeout(a, Duration::from_secs(3)).is_ok())
+        .collect();
+    if answering.is_empty() {
+        let list = addrs
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        return CheckResult::unreachable(
+            format!("nothing answers on {list}"),
+            Diagnosis::new(
+                WinCode::ConnectionRefused,
+                format!("vmgated is not running on {to}: nothing listens on {list}"),
+            )
+            .with_fix(format!(
+                "on {to}: systemctl start vmgated\n(journalctl -u vmgated says why it stopped; in the lab: tests/lab/up)"
+            )),
+        );
+    }
+    match destination(ctx) {
+        Ok(h) => CheckResult::pass(format!(
+            "{} answers on {} (vmgate {}, protocol {})",
+            h.config.host_name,
+            answering
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
+            h.version.daemon,
+            h.version.protocol
+        )),
+        Err(e) => CheckResult::warn(format!(
+            "{to}'s gateway answers, but its settings could not be read: {e}"
+        )),
+    }
+}
+
+fn need_destination(ctx: &mut Context) -> Result<HostInfo, CheckResult> {
+    if ctx.status_of("daemon-reachable") != Some(Status::Pass) {
+        return Err(CheckResult::skip("D's daemon did not answer"));
+    }
+    destination(ctx).map_err(|e| CheckResult::skip(format!("D's settings are unknown: {e}")))
+}
+
+fn enabled(ctx: &mut Context) -> CheckResult {
+    let d = match need_destination(ctx) {
+        Ok(d) => d,
+        Err(r) => return r,
+    };
+    let h = &d.config.host_name;
+    if d.config.migration.enabled {
+        CheckResult::pass(format!(
+            "live migration is enabled on {h} (auth {}, {} at once)",
+            d.config.migration.auth.as_str(),
+            d.config.migration.max_live_moves
+        ))
+    } else {
+        CheckResult::fail(
+            format!("live migration is disabled on {h}"),
+            Diagnosis::new(
+                WinCode::ConnectionRefused,
+                format!(
+                    "{h} does not accept live moves: migration is disabled in its settings (Hyper-V: the destination host has not been configured to accept live migrations)"
+                ),
+            )
+            .with_fix(format!("vmgate --host {h} host enable")),
+        )
+    }
+}
+
+fn source_allowed(ctx: &mut Context) -> CheckResult {
+    let d = match need_destination(ctx) {
+        Ok(d) => d,
+        Err(r) => return r,
+    };
+    let sources: Vec<SocketAddr> = ctx.source_addresses().to_vec();
+    let Some(s) = sources.first() else {
+        return CheckResult::skip("S's address is unknown (resolve-source failed)");
+    };
+    let filter: NetworkFilter = d.config.migration.network_filter();
+    let h = &d.config.host_name;
+    if filter.allows(s.ip()) {
+        CheckResult::pass(format!("{} is allowed by {h} ({filter})", s.ip()))
+    } else {
+        CheckResult::fail(
+            format!("{} is not on {h}'s migration networks ({filter})", s.ip()),
+            Diagnosis::new(
+                WinCode::AccessDenied,
+                format!(
+                    "{h} does not accept moves from {}: that address is not on its migration networks ({filter})",
+                    s.ip()
+                ),
+            )
+            .with_fix(format!(
+                "vmgate --host {h} host set --network {}/32:1\nor allow the whole subnet S moves over, or any network: vmgate --host {h} host set --any-network true",
+                s.ip()
+            )),
+        )
+    }
+}
+
+fn versions(ctx: &mut Context) -> CheckResult {
+    let d = match need_destination(ctx) {
+        Ok(d) => d,
+        Err(r) => return r,
+    };
+    let from = ctx.settings().from.clone();
+    let (s, whose) = match host_info(ctx, &from) {
+        Ok(h) => (h.version, format!("{from}'s daemon")),
+        Err(_) => (VersionInfo::current(), "this build".to_owned()),
+    };
+    let dv = &d.version;
+    let h = &d.config.host_name;
+    if s.protocol > dv.protocol {
+        CheckResult::fail(
+            format!(
+                "{whose} speaks protocol {}; {h} accepts {} to {}",
+                s.protocol, dv.min_protocol, dv.protocol
+            ),
+            Diagnosis::new(
+                WinCode::NotSupported,
+                format!(
+                    "{h} runs vmgate {} (protocol versions {} to {}) and {from} runs vmgate {} (protocol version {}): an older destination refuses a newer source",
+                    dv.daemon, dv.min_protocol, dv.protocol, s.daemon, s.protocol
+                ),
+            )
+            .with_fix(format!("update vmgate on {h} first")),
+        )
+    } else if s.protocol < dv.min_protocol {
+        CheckResult::fail(
+            format!(
+                "{whose} speaks protocol {}; {h} accepts {} to {}",
+                s.protocol, dv.min_protocol, dv.protocol
+            ),
+            Diagnosis::new(
+                WinCode::NotSupported,
+                format!(
+                    "{h} no longer accepts protocol version {} (it accepts {} to {})",
+                    s.protocol, dv.min_protocol, dv.protocol
+                ),
+            )
+            .with_fix(format!("update vmgate on {from}")),
+        )
+    } else {
+        CheckResult::pass(format!(
+            "{whose} speaks protocol {}; {h} accepts {} to {}",
+            s.protocol, dv.min_protocol, dv.protocol
+        ))
+    }
+}
+
+fn vm_compatible(ctx: &mut Context) -> CheckResult {
+    let Some(vm) = ctx.settings().vm.clone() else {
+        return CheckResult::skip("no --vm given");
+    };
+    let d = match need_destination(ctx) {
+        Ok(d) => d,
+        Err(r) => return r,
+    };
+    let from = ctx.settings().from.clone();
+    let mut s = match session(ctx, &from) {
+        Ok(s) => s,
+        Err(e) => return CheckResult::skip(format!("{from}'s daemon cannot be asked: {e}")),
+    };
+    let ccache = if s.is_local() {
+        let cc = control::caller_ccache(ctx.settings().user_ccache.as_deref());
+        match control::ccache_bytes(&cc) {
+            Ok(b) => Some(vmgate::daemon::local::CcacheBlob::new(b)),
+            Err(e) => return CheckResult::skip(e.to_string()),
+        }
+    } else {
+        None
+    };
+    let spec = MoveSpec {
+        vm: vm.clone(),
+        to: d.migration_addresses.clone(),
+        destination: d.config.fqdn.clone(),
+        ccache,
+        switch_map: ctx.settings().switch_map.clone(),
+    };
+    let h = d.config.host_name.clone();
+    match s.call(&Request::Compare(spec)) {
+        Ok(Response::Compared { report, .. }) if report.is_empty() => {
+            CheckResult::pass(format!("{vm} can move to {h}: no incompatibilities"))
+        }
+        Ok(Response::Compared { report, .. }) => {
+            let lines: Vec<String> = report
+                .iter()
+                .map(|i| format!("[{}] {}", i.id, i.message))
+                .collect();
+            let mut r = CheckResult::fail(
+                format!("{vm} cannot move to {h}: {} incompatibilities", report.len()),
+                Diagnosis::new(
+                    WinCode::NotSupported,
+                    format!("{h} cannot take {vm}: {}", lines.join("; ")),
+                )
+                .with_fix(
+                    "each reason above says its fix (processor compatibility mode, --switch-map, another host)",
+                ),
+            );
+            for l in lines {
+                r = r.detail(l);
+            }
+            r
+        }
+        Ok(Response::Error(e)) => CheckResult::fail(
+            format!("the compare failed: {}", e.message),
+            Diagnosis::new(
+                WinCode::NotSupported,
+                format!("{from} could not compare {vm} with {h}: {}", e.message),
+            ),
+        ),
+        Ok(other) => CheckResult::warn(format!("unexpected answer {other:?}")),
+        Err(e) => CheckResult::skip(format!("{from}'s daemon cannot be asked: {e}")),
+    }
+}
