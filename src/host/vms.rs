@@ -125,10 +125,7 @@ impl Vms {
     /// returns it.
     pub fn begin_move(&self, name: &str) -> Result<Arc<Vm>, VmOpError> {
         let mut list = self.lock();
-        let h = list
-            .iter_mut()
-            .find(|h| h.config.name == name)
-            .ok_or_else(|| not_found(name))?;
+        let h = find_mut(&mut list, name)?;
         if h.moving {
             return Err(VmOpError::Refused(format!(
                 "{name} is already being moved (vmgate jobs list)"
@@ -161,10 +158,7 @@ impl Vms {
     /// What `vm_show` shows.
     pub fn show(&self, name: &str) -> Result<VmDetail, VmOpError> {
         let list = self.lock();
-        let h = list
-            .iter()
-            .find(|h| h.config.name == name)
-            .ok_or_else(|| not_found(name))?;
+        let h = find(&list, name)?;
         Ok(VmDetail {
             summary: summary(h),
             cpu_compat: h.config.cpu_compat,
@@ -222,10 +216,7 @@ impl Vms {
     pub fn start(&self, name: &str) -> Result<(), VmOpError> {
         let config = {
             let list = self.lock();
-            let h = list
-                .iter()
-                .find(|h| h.config.name == name)
-                .ok_or_else(|| not_found(name))?;
+            let h = find(&list, name)?;
             if h.vm.is_some() {
                 return Err(VmOpError::Refused(format!("{name} is already running")));
             }
@@ -248,10 +239,7 @@ impl Vms {
     pub fn stop(&self, name: &str) -> Result<(), VmOpError> {
         let vm = {
             let mut list = self.lock();
-            let h = list
-                .iter_mut()
-                .find(|h| h.config.name == name)
-                .ok_or_else(|| not_found(name))?;
+            let h = find_mut(&mut list, name)?;
             if h.moving {
                 return Err(VmOpError::Refused(format!(
                     "{name} is being moved: cancel the move first (vmgate jobs cancel)"
@@ -271,10 +259,7 @@ impl Vms {
     pub fn check(&self, name: &str) -> Result<VmCheckReport, VmOpError> {
         let vm = {
             let list = self.lock();
-            let h = list
-                .iter()
-                .find(|h| h.config.name == name)
-                .ok_or_else(|| not_found(name))?;
+            let h = find(&list, name)?;
             h.vm.clone()
                 .ok_or_else(|| VmOpError::Refused(format!("{name} is off")))?
         };
@@ -327,6 +312,20 @@ impl Vms {
         let next = from + u64::try_from(buf.len()).unwrap_or(0);
         Ok((String::from_utf8_lossy(&buf).into_owned(), next))
     }
+}
+
+/// The VM named `name`, or the not-found error.
+fn find<'a>(list: &'a [HostedVm], name: &str) -> Result<&'a HostedVm, VmOpError> {
+    list.iter()
+        .find(|h| h.config.name == name)
+        .ok_or_else(|| not_found(name))
+}
+
+/// The same, to change it.
+fn find_mut<'a>(list: &'a mut [HostedVm], name: &str) -> Result<&'a mut HostedVm, VmOpError> {
+    list.iter_mut()
+        .find(|h| h.config.name == name)
+        .ok_or_else(|| not_found(name))
 }
 
 fn summary(h: &HostedVm) -> VmSummary {

@@ -14,7 +14,6 @@
 //! whether D can decrypt it (an SPN registered on the wrong account). The answers are put next
 //! to the prediction ([`super::Verdict::expected_kdc`]) and compared.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -23,6 +22,7 @@ use super::analysis::{KdcAnswer, Verdict};
 use super::facts::{AuthType, MoveStart};
 use crate::directory::ErrorKind;
 use crate::krb::error::code;
+use crate::krb::keytab;
 use crate::krb::{
     AcceptPending, AcceptStep, Credential, HostCredentials, InitOptions, InitPending, InitStep,
     KrbError, Principal, UserCredential,
@@ -31,9 +31,6 @@ use crate::spn::Spn;
 
 /// The channel bindings both ends of the check use (there is no TLS session to bind to here).
 const CHECK_BINDINGS: &[u8] = b"vmgate delegation check --live";
-
-/// The largest keytab read.
-const MAX_KEYTAB: u64 = 1024 * 1024;
 
 /// Errors that keep the live check from running at all (as opposed to a refusal by the KDC,
 /// which is its result).
@@ -245,85 +242,33 @@ pub fn answer_of(err: &KrbError) -> Option<(KdcAnswer, String)> {
 
 /// The principals in an MIT keytab (format version 0x502), each once, in file order.
 pub fn keytab_principals(bytes: &[u8]) -> Result<Vec<String>, String> {
-    let (version, mut rest) = bytes
-        .split_first_chunk::<2>()
-        .ok_or_else(|| "the file is empty".to_owned())?;
-    if *version != [0x05, 0x02] {
-        return Err(format!(
-            "unknown format version 0x{:02x}{:02x} (expected 0x0502)",
-            version[0], version[1]
-        ));
-    }
+    keytab::parse(bytes)
+        .map(|e| unique_principals(&e))
+        .map_err(str::to_owned)
+}
+
+fn unique_principals(entries: &[keytab::KeytabEntry]) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
-    while let Some((size, tail)) = rest.split_first_chunk::<4>() {
-        let size = i32::from_be_bytes(*size);
-        let len = usize::try_from(size.unsigned_abs()).map_err(|_| "entry too large".to_owned())?;
-        let (entry, after) = tail
-            .split_at_checked(len)
-            .ok_or_else(|| "an entry runs past the end of the file".to_owned())?;
-        rest = after;
-        if size <= 0 {
-            // A hole left by a deleted entry (or padding).
-            if size == 0 {
-                break;
-            }
-            continue;
-        }
-        let name = entry_principal(entry).ok_or_else(|| "a damaged entry".to_owned())?;
+    for e in entries {
+        let name = format!("{}@{}", e.name, e.realm);
         if !out.contains(&name) {
             out.push(name);
         }
     }
-    Ok(out)
-}
-
-fn counted(buf: &[u8]) -> Option<(&[u8], &[u8])> {
-    let (len, rest) = buf.split_first_chunk::<2>()?;
-    rest.split_at_checked(usize::from(u16::from_be_bytes(*len)))
-}
-
-fn entry_principal(entry: &[u8]) -> Option<String> {
-    let (count, rest) = entry.split_first_chunk::<2>()?;
-    let count = u16::from_be_bytes(*count);
-    if count == 0 || count > 16 {
-        return None;
-    }
-    let (realm, mut rest) = counted(rest)?;
-    let mut comps = Vec::new();
-    for _ in 0..count {
-        let (c, r) = counted(rest)?;
-        comps.push(String::from_utf8_lossy(c).into_owned());
-        rest = r;
-    }
-    Some(format!(
-        "{}@{}",
-        comps.join("/"),
-        String::from_utf8_lossy(realm)
-    ))
+    out
 }
 
 /// The principal of `account` as the keytab spells it (MIT compares names case-sensitively;
 /// keytabs made by different tools write `hv1$` or `HV1$`).
 pub fn keytab_principal(keytab: &Path, account: &str, realm: &str) -> Result<Principal, LiveError> {
-    let read_err = |source| LiveError::ReadKeytab {
-        path: keytab.to_owned(),
-        source,
-    };
-    let file = std::fs::File::open(keytab).map_err(read_err)?;
-    let mut bytes = Vec::new();
-    file.take(MAX_KEYTAB + 1)
-        .read_to_end(&mut bytes)
-        .map_err(read_err)?;
-    if u64::try_from(bytes.len()).unwrap_or(u64::MAX) > MAX_KEYTAB {
-        return Err(LiveError::BadKeytab {
-            path: keytab.to_owned(),
-            reason: format!("larger than {MAX_KEYTAB} bytes"),
-        });
-    }
-    let found = keytab_principals(&bytes).map_err(|reason| LiveError::BadKeytab {
-        path: keytab.to_owned(),
-        reason,
+    let entries = keytab::read(keytab).map_err(|e| match e {
+        keytab::KeytabError::Read { path, source } => LiveError::ReadKeytab { path, source },
+        keytab::KeytabError::Bad { path, reason } => LiveError::BadKeytab {
+            path,
+            reason: reason.to_owned(),
+        },
     })?;
+    let found = unique_principals(&entries);
     let wanted = format!("{account}@{realm}");
     let exact = found.iter().find(|p| p.eq_ignore_ascii_case(&wanted));
     match exact {

@@ -30,6 +30,7 @@
 pub mod ccache;
 pub mod diagnose;
 pub mod error;
+pub mod keytab;
 
 use std::ffi::{CString, c_void};
 use std::fmt;

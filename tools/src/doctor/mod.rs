@@ -58,7 +58,7 @@ mod checks;
 mod daemon;
 pub mod hosts;
 pub mod kdc;
-pub mod keytab;
+pub use vmgate_auth::krb::keytab;
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;

@@ -1,6 +1,7 @@
-//! The entries of an MIT keytab (format 0x0502) with their key version numbers, to compare with
-//! the directory's `msDS-KeyVersionNumber`. Key bytes are skipped, never kept. The reader is
-//! bounded and never panics on a damaged file.
+//! The entries of an MIT keytab (format 0x0502): principal, key version number and encryption
+//! type — to find a host's principal as the keytab spells it (the live delegation check) and to
+//! compare key versions with the directory's `msDS-KeyVersionNumber` (`vmgate doctor`). Key
+//! bytes are skipped, never kept. The reader is bounded and never panics on a damaged file.
 
 use std::io::Read;
 use std::path::Path;
@@ -147,11 +148,11 @@ pub fn newest_kvnos(entries: &[KeytabEntry]) -> Vec<(String, u32)> {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
 
     /// One keytab entry's bytes (for tests).
-    pub(crate) fn entry(comps: &[&str], realm: &str, kvno: u32, enctype: u16) -> Vec<u8> {
+    fn entry(comps: &[&str], realm: &str, kvno: u32, enctype: u16) -> Vec<u8> {
         let mut e = Vec::new();
         let count = u16::try_from(comps.len()).unwrap();
         e.extend_from_slice(&count.to_be_bytes());
