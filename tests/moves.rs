@@ -488,6 +488,9 @@ fn the_source_falls_back_to_the_next_offered_address() {
                     std::fs::read(&cc).unwrap(),
                 )),
                 switch_map: Vec::new(),
+                storage_path: None,
+                disks: Vec::new(),
+                keep_source: false,
             },
         ))
         .unwrap();
@@ -707,4 +710,85 @@ fn doctor_checks_the_daemons_and_each_printed_fix_turns_it_green() {
     let (code, v) = doctor(&lab, &[]);
     chan::set_delegation("hv1", &[]);
     assert_eq!(code, 0, "{v:#}");
+}
+
+#[test]
+fn a_vm_moves_with_its_disk_shared_nothing_and_a_path_outside_the_roots_is_refused() {
+    let _s = serial();
+    let lab = Lab::start(&["hv1", "hv2"], &|_| String::new());
+    chan::set_delegation("hv1", &[]);
+    let src_dir = lab.host("hv1").dir.join("vms");
+    let disk = src_dir.join("sn.raw");
+    std::fs::write(&disk, vec![0u8; 4 << 20]).unwrap();
+    lab.create_vm(
+        "hv1",
+        &format!(
+            r#"name = "sn"
+memory_mib = 64
+vcpus = 2
+[[vcpu]]
+program = "diskstress"
+disk = 0
+block_size = 4096
+blocks = 256
+[[vcpu]]
+program = "memstress"
+start_mib = 8
+size_mib = 16
+[[disk]]
+path = "{}"
+format = "raw"
+"#,
+            disk.display()
+        ),
+    );
+    let dest_dir = lab.host("hv2").dir.join("vms");
+
+    // A destination folder outside hv2's storage roots: refused with id 1009, nothing moves.
+    let (code, out, err) = lab.run(
+        "alice",
+        &[
+            "--host",
+            "hv1",
+            "move",
+            "sn",
+            "--to",
+            "hv2",
+            "--include-storage",
+            "--storage-path",
+            "/var/tmp/vmgate-not-a-root",
+        ],
+    );
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("[1009]"), "{err}");
+    assert!(disk.exists());
+    assert_eq!(std::fs::read_dir(&dest_dir).unwrap().count(), 0);
+    runs_and_checks(&lab, "hv1", "sn");
+
+    let (code, v) = lab.run_json(
+        "alice",
+        &[
+            "--host",
+            "hv1",
+            "move",
+            "sn",
+            "--to",
+            "hv2",
+            "--include-storage",
+            "--storage-path",
+            dest_dir.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 0, "{v:#}");
+    // The disk crossed (its all-zero blocks need not).
+    assert!(v["stats"]["disk_bytes_sent"].as_u64().unwrap() > 0, "{v:#}");
+    // The guest's disk sequence and memory pass their checks at hv2, on hv2's copy.
+    runs_and_checks(&lab, "hv2", "sn");
+    let (_, shown) = lab.run_json("alice", &["--host", "hv2", "vm", "show", "sn"]);
+    assert_eq!(
+        shown["disks"][0],
+        dest_dir.join("sn.raw").display().to_string(),
+        "{shown:#}"
+    );
+    assert!(!disk.exists(), "the source's file is still there");
 }

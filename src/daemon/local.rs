@@ -273,6 +273,15 @@ pub struct MoveSpec {
     /// Virtual switch renames, `FROM=TO`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub switch_map: Vec<String>,
+    /// Shared-nothing: copy every disk into this folder of the destination.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_path: Option<String>,
+    /// Shared-nothing: copy each disk to its own destination file, `SRC=DST`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<String>,
+    /// Keep the source's disk files after a shared-nothing move.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub keep_source: bool,
 }
 
 /// Migration settings a `host_set` changes (absent: unchanged).
@@ -1134,6 +1143,9 @@ mod tests {
             destination: "hv2.lab.example.test".into(),
             ccache: Some(CcacheBlob::new(b"\x05\x04secret-ticket".to_vec())),
             switch_map: Vec::new(),
+            storage_path: None,
+            disks: Vec::new(),
+            keep_source: false,
         });
         let line = serde_json::to_string(&blob).unwrap();
         assert_eq!(

@@ -20,7 +20,7 @@ use vmgate_auth::netfilter::NetworkFilter;
 use vmgate_auth::spn::Spn;
 use vmgate_migrate::engine::{
     CancelToken, DestinationOptions, MoveOptions, Phase, Progress, ReceivedEvent, ReceivedVm,
-    incompatibility,
+    StorageOptions, StorageTarget, incompatibility,
 };
 use vmgate_migrate::protocol::{Compression, Incompatibility as EngineIncompatibility};
 use vmgate_migrate::vm::VmConfig;
@@ -223,6 +223,12 @@ impl Service {
             Ok(c) => c,
             Err(r) => return r,
         };
+        let storage = match storage_options(spec) {
+            Ok(s) => s,
+            Err(e) => return Response::error(ErrorCode::BadRequest, e),
+        };
+        let mut options = self.move_options(&switch_map);
+        options.storage = storage;
         let req = MoveRequest {
             vm: &spec.vm,
             to,
@@ -231,7 +237,7 @@ impl Service {
             realm: self.config.realm.clone(),
             local_host: self.config.host_name.clone(),
             sources: self.config.listen.iter().map(SocketAddr::ip).collect(),
-            options: self.move_options(&switch_map),
+            options,
         };
         let destination = spec
             .destination
@@ -482,6 +488,7 @@ impl Service {
                 Box::new(move |c: &VmConfig| vms.options_for(&c.name))
             },
             hidden_cpu_features: self.config.testing.hidden_cpu_features.clone(),
+            storage_roots: self.config.storage_roots.clone(),
             ..DestinationOptions::default()
         }
     }
@@ -766,6 +773,35 @@ fn whole_ms(v: f64) -> u64 {
     } else {
         0
     }
+}
+
+/// The storage part of a move: a folder for every disk, or `SRC=DST` per disk.
+pub fn storage_options(spec: &MoveSpec) -> Result<Option<StorageOptions>, String> {
+    let target = match (&spec.storage_path, spec.disks.is_empty()) {
+        (Some(_), false) => {
+            return Err("give either a storage path or --disk SRC=DST, not both".into());
+        }
+        (Some(p), true) => StorageTarget::Folder(p.into()),
+        (None, false) => StorageTarget::PerDisk(
+            spec.disks
+                .iter()
+                .map(|d| match d.split_once('=') {
+                    Some((a, b)) if !a.is_empty() && !b.is_empty() => Ok((a.into(), b.into())),
+                    _ => Err(format!(
+                        "\"{d}\" is not a disk mapping: use SRC=DST (the disk's file here, its file at the destination)"
+                    )),
+                })
+                .collect::<Result<_, _>>()?,
+        ),
+        (None, true) if spec.keep_source => {
+            return Err("keep-source applies to moves with their storage".into());
+        }
+        (None, true) => return Ok(None),
+    };
+    Ok(Some(StorageOptions {
+        target,
+        keep_source: spec.keep_source,
+    }))
 }
 
 /// `FROM=TO` switch renames.

@@ -19,6 +19,7 @@ use vmgate_auth::tls::TlsContext;
 use vmgate_migrate::engine::{
     CancelToken, Dialer, Link, MoveError, MoveOptions, MoveStats, Progress, compare_vm, send_vm,
 };
+use vmgate_migrate::storage::local::release_files;
 use vmgate_migrate::vm::check::check_vm;
 use vmgate_migrate::vm::{Vm, VmConfig, VmOptions};
 
@@ -592,6 +593,14 @@ pub fn move_vm(
     let result = run_move(&vm, req, mode, cancel, progress, &mut outcome, &mut report);
     if mode == MoveMode::Move {
         vms.end_move(req.vm, result.is_ok());
+    }
+    if let (Ok(stats), Some(storage)) = (&result, &req.options.storage) {
+        // The engine deleted the active layers; the read-only parents stay open until this
+        // VM is gone, and may be shared with other VMs (those are kept).
+        if let Ok(vm) = Arc::try_unwrap(vm) {
+            vm.shutdown();
+        }
+        release_files(&stats.source_parents, storage.keep_source);
     }
     outcome.result = result;
     (outcome, report)

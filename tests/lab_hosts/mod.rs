@@ -135,6 +135,7 @@ krb5_config = "{krb5}"
 state_dir = "{state}"
 control_socket = "{socket}"
 admin_group = "Hyper-V Administrators"
+storage_roots = ["{vms}"]
 
 [directory]
 url = "ldap://{dc}"
@@ -149,8 +150,10 @@ any_network = true
             krb5 = e.krb5_config.display(),
             state = hdir.join("state").display(),
             socket = hdir.join("vmgated.sock").display(),
+            vms = hdir.join("vms").display(),
             dc = e.dc_ip,
         );
+        std::fs::create_dir_all(hdir.join("vms")).unwrap();
         let path = hdir.join("vmgated.toml");
         std::fs::write(&path, config).unwrap();
         let log = std::fs::File::create(hdir.join("vmgated.log")).unwrap();

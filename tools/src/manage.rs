@@ -580,6 +580,20 @@ fn spec_for(
     to: &str,
     switch_map: &[String],
 ) -> Result<MoveSpec, Failure> {
+    spec_with_storage(conn, sess, vm, to, switch_map, None)
+}
+
+/// What a shared-nothing move asks for: a folder, or `SRC=DST` per disk, and keep-source.
+type StorageAsk<'a> = (Option<&'a std::path::Path>, &'a [String], bool);
+
+fn spec_with_storage(
+    conn: &Connection,
+    sess: &Session,
+    vm: &str,
+    to: &str,
+    switch_map: &[String],
+    storage: Option<StorageAsk<'_>>,
+) -> Result<MoveSpec, Failure> {
     let mut dest = control::resolve(Some(to), None)?;
     if dest.socket.is_none() {
         // Not a host of this machine or lab: ask the destination which addresses it offers.
@@ -616,6 +630,9 @@ fn spec_for(
         destination: dest.fqdn.clone(),
         ccache,
         switch_map: switch_map.to_vec(),
+        storage_path: storage.and_then(|(p, _, _)| p.map(|p| p.display().to_string())),
+        disks: storage.map(|(_, d, _)| d.to_vec()).unwrap_or_default(),
+        keep_source: storage.is_some_and(|(_, _, k)| k),
     })
 }
 
@@ -656,19 +673,24 @@ pub fn run_compare(conn: &Connection, a: &CompareArgs) -> ExitCode {
 
 /// `vmgate move`
 pub fn run_move(conn: &Connection, a: &MoveArgs) -> ExitCode {
-    if a.include_storage || !a.disks.is_empty() {
+    if a.keep_source && !a.include_storage && a.disks.is_empty() {
         return finish(
             conn,
             Err(fail(
-                exit::REFUSED,
-                "moving storage with the VM (--include-storage, --disk) is not available in this version; move the VM with shared storage, or its disks with a storage move first",
+                exit::USAGE,
+                "--keep-source applies to moves with their storage (--include-storage or --disk)",
             )),
             |_| String::new(),
         );
     }
+    let storage = (a.include_storage || !a.disks.is_empty()).then_some((
+        a.storage_path.as_deref(),
+        a.disks.as_slice(),
+        a.keep_source,
+    ));
     let r = (|| {
         let (_, mut sess) = session(conn, a.from.as_deref(), a.forward_credentials)?;
-        let spec = spec_for(conn, &sess, &a.vm, &a.to, &a.switch_map)?;
+        let spec = spec_with_storage(conn, &sess, &a.vm, &a.to, &a.switch_map, storage)?;
         let mut bar = Bar::new(conn.json);
         let resp = sess.call_with(&Request::Move(spec), |p| {
             if let Response::Progress { progress } = p {

@@ -41,6 +41,26 @@
 //! NIC's switch renamed, MAC unchanged), so the destination checks and builds the VM with the
 //! switches it has.
 //!
+//! # Disks ([`MoveOptions::storage`], shared-nothing)
+//!
+//! With [`StorageOptions`], the configuration sent names the destination's paths (one
+//! folder, or a file per disk) and says the disks come along; the destination checks them
+//! against its [`DestinationOptions::storage_roots`] (outside, `..`, symbolic-link escapes,
+//! existing files: [`incompatibility::STORAGE`]). The disk blocks travel in the pre-copy
+//! rounds, striped over the channels like pages: round 1 the read-only parents the
+//! destination does not already hold (identical by SHA-256: reused), round 2 — once the
+//! destination acknowledged round 1, completed the parents and created the active layers on
+//! them — the bulk copy of each active layer while the guest runs, rounds 3.. the blocks it
+//! wrote meanwhile, and the final round, with the VM paused, the last ones. The destination
+//! makes the bulk durable as it acknowledges round 2, and the source pauses only once every
+//! round was acknowledged, so the pause does not wait for the destination's disk. The
+//! destination writes each layer under a `.vmgate-partial` name and renames the active
+//! layers into place before its VM opens them; until the VM resumes there, every file and
+//! folder it created is removed when the move ends any other way. After the handoff the
+//! source deletes the active layers (unless [`StorageOptions::keep_source`]) and reports
+//! the parents ([`MoveStats::source_parents`]) for
+//! [`crate::storage::local::release_files`] once the VM is shut down. See `storage.rs`.
+//!
 //! # Compare ([`compare_vm`])
 //!
 //! Hyper-V's Compare-VM: the setup above on one channel (Hello, VmConfig, the destination's
@@ -61,6 +81,7 @@ mod link;
 mod rate;
 mod receiver;
 mod sender;
+mod storage;
 mod wire;
 
 pub use link::{Dialer, Link, LinkCloser};
@@ -70,6 +91,7 @@ pub use receiver::{
     ReceivedEvent, ReceivedVm, incompatibility,
 };
 pub use sender::{compare_vm, map_switches, send_vm};
+pub use storage::{StorageOptions, StorageTarget};
 pub use wire::MoveDocument;
 
 use std::sync::Arc;
@@ -112,6 +134,9 @@ pub struct MoveOptions {
     /// accepts another version makes the move fail at its acknowledgement, one that is older
     /// refuses it ([`MoveError::VersionRefused`]).
     pub version: ProtocolVersion,
+    /// Shared-nothing: copy the VM's disks to the destination while the guest runs (`None`:
+    /// the destination opens the same paths, e.g. shared storage).
+    pub storage: Option<StorageOptions>,
 }
 
 impl Default for MoveOptions {
@@ -128,6 +153,7 @@ impl Default for MoveOptions {
             software: concat!("vmgate ", env!("CARGO_PKG_VERSION")).into(),
             switch_map: Vec::new(),
             version: ProtocolVersion::CURRENT,
+            storage: None,
         }
     }
 }
@@ -202,6 +228,20 @@ pub struct MoveStats {
     pub max_throttle_percent: u32,
     /// Mean rate over the move, bytes per second.
     pub throughput_bytes_s: f64,
+    /// Shared-nothing moves: disk bytes sent (data blocks before compression).
+    pub disk_bytes_sent: u64,
+    /// Shared-nothing moves: of `disk_bytes_sent`, the read-only parents' data.
+    pub disk_parent_bytes_sent: u64,
+    /// Shared-nothing moves: bytes of read-only parents the destination reused (not sent;
+    /// their file lengths).
+    pub disk_bytes_reused: u64,
+    /// Shared-nothing moves: the source's active layers deleted after the handoff (empty
+    /// with `keep_source`).
+    pub source_files_deleted: Vec<std::path::PathBuf>,
+    /// Shared-nothing moves: the source's read-only parents. They stay: this VM holds them
+    /// open until it is shut down, and other VMs may share them; delete them with
+    /// [`crate::storage::local::release_files`] after shutting the VM down.
+    pub source_parents: Vec<std::path::PathBuf>,
 }
 
 /// Why a move ended without the VM moving. Every variant but [`MoveError::InDoubt`] means the
@@ -330,6 +370,11 @@ impl CancelToken {
             reason.clone_into(&mut r);
         }
         self.flag.store(true, Ordering::SeqCst);
+    }
+
+    /// The flag a cancel raises, for loops that poll one.
+    pub(crate) fn flag(&self) -> &AtomicBool {
+        &self.flag
     }
 
     /// Whether a cancel was asked.

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::link::{ChannelWriter, Link, LinkCloser, SharedWriter};
+use super::storage::{DestStorage, check_paths};
 use super::wire::{MoveDocument, chain, decode_devices, decode_vcpu};
 use crate::protocol::{
     ErrorCode, ErrorMessage, Frame, FrameReader, Incompatibility, Message, MoveOutcome, Outcome,
@@ -39,6 +40,10 @@ pub mod incompatibility {
     pub const BUSY: u32 = 1007;
     /// The source's address is not in the networks this host accepts moves from.
     pub const NETWORK: u32 = 1008;
+    /// The VM's disks cannot be placed here: a destination path outside this host's storage
+    /// roots, with `..`, escaping through a symbolic link, or naming a file that exists (or
+    /// this host has no storage roots).
+    pub const STORAGE: u32 = 1009;
 }
 
 /// A host's own checks on an incoming VM (switches, storage roots, names), run with the
@@ -129,6 +134,10 @@ pub struct DestinationOptions {
     /// Fault injection for tests.
     #[doc(hidden)]
     pub fault: Option<Box<FaultHook>>,
+    /// Folders under which a shared-nothing move may create a VM's disks (each must exist).
+    /// Empty: this host refuses moves that bring their disks
+    /// ([`incompatibility::STORAGE`]).
+    pub storage_roots: Vec<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for DestinationOptions {
@@ -139,6 +148,7 @@ impl std::fmt::Debug for DestinationOptions {
             .field("link_timeout", &self.link_timeout)
             .field("max_channels", &self.max_channels)
             .field("hidden_cpu_features", &self.hidden_cpu_features)
+            .field("storage_roots", &self.storage_roots)
             .finish_non_exhaustive()
     }
 }
@@ -155,6 +165,7 @@ impl Default for DestinationOptions {
             hidden_cpu_features: Vec::new(),
             on_event: Box::new(|_| {}),
             fault: None,
+            storage_roots: Vec::new(),
         }
     }
 }
@@ -226,6 +237,12 @@ struct Session {
     last_heard_ms: AtomicU64,
     ended: AtomicBool,
     end_reason: Mutex<String>,
+    /// Shared-nothing moves: the disks being received.
+    storage: Mutex<Option<DestStorage>>,
+    /// Held from a RoundEnd's transition to the write of the RoundAck it produces, so that
+    /// acknowledgements leave in order although each channel's thread sends its own (and
+    /// an acknowledgement may first complete the disks).
+    round_ends: Mutex<()>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -428,6 +445,8 @@ impl Destination {
             last_heard_ms: AtomicU64::new(0),
             ended: AtomicBool::new(false),
             end_reason: Mutex::new(String::new()),
+            storage: Mutex::new(None),
+            round_ends: Mutex::new(()),
         });
         if let Some(slot) = lock(&session.writers).get_mut(0) {
             *slot = Some(Arc::clone(&w));
@@ -599,6 +618,7 @@ impl Session {
     ) {
         let mut decoder = UnitDecoder::new();
         let mut page = vec![0u8; PAGE_BYTES];
+        let mut block = vec![0u8; crate::protocol::DISK_BLOCK_SIZE];
         loop {
             if self.ended.load(Ordering::SeqCst) {
                 return;
@@ -655,6 +675,37 @@ impl Session {
                 }
                 continue;
             }
+            if let Message::DiskBlocks(b) = &frame.message {
+                if !self.step(opts, channel, &frame) {
+                    return;
+                }
+                let mut storage = lock(&self.storage);
+                let Some(st) = storage.as_mut() else {
+                    drop(storage);
+                    self.fail(
+                        opts,
+                        "disk blocks arrived in a move that does not bring its disks",
+                    );
+                    return;
+                };
+                for unit in b.blocks().iter() {
+                    let zero = unit.data.kind() == crate::protocol::UnitKind::Zero;
+                    let stored = if zero {
+                        Ok(())
+                    } else {
+                        decoder.decode(&unit, &mut block).map_err(|e| e.to_string())
+                    }
+                    .and_then(|()| st.store(b.disk, b.layer, unit.index, zero, &block));
+                    if let Err(e) = stored {
+                        drop(storage);
+                        self.local_failure(opts, &e);
+                        return;
+                    }
+                }
+                continue;
+            }
+            let _in_order =
+                matches!(frame.message, Message::RoundEnd(_)).then(|| lock(&self.round_ends));
             if !self.step(opts, channel, &frame) {
                 return;
             }
@@ -669,6 +720,12 @@ impl Session {
             let Some(state) = guard.take() else {
                 return false;
             };
+            if matches!(state, ReceiverState::Failed | ReceiverState::Cancelled) {
+                // The move already ended (the source was told why): a frame still on its way
+                // gets no answer, which could overtake the one that says why.
+                *guard = Some(state);
+                return false;
+            }
             match state.on_message(channel, frame) {
                 Ok(step) => {
                     *guard = Some(step.state);
@@ -693,14 +750,34 @@ impl Session {
         cause: Option<String>,
     ) -> bool {
         match action {
-            ReceiverAction::None | ReceiverAction::StorePages => true,
-            ReceiverAction::Send(m) => match self.writer(channel).map(|w| w.send(&m)) {
-                Some(Ok(())) => true,
-                _ => {
-                    self.on_link_lost(opts, &format!("writing to channel {channel} failed"));
-                    false
+            ReceiverAction::None | ReceiverAction::StorePages | ReceiverAction::StoreBlocks => true,
+            ReceiverAction::Send(Message::RoundAck(a))
+                if a.round >= 1 && lock(&self.storage).is_some() =>
+            {
+                // Round 1 carried the parents: complete them and create the active layers
+                // before the source, told by this acknowledgement, sends their blocks.
+                // Round 2 carried the bulk copy: make it durable now rather than with the VM
+                // paused at the source.
+                let switching = matches!(
+                    lock(&self.state).as_ref(),
+                    Some(ReceiverState::SwitchingOver(_))
+                );
+                let done: Result<(), String> = lock(&self.storage).as_mut().map_or(Ok(()), |st| {
+                    st.parents_complete()?;
+                    if a.round == 2 && !switching {
+                        st.sync_actives()?;
+                    }
+                    Ok(())
+                });
+                if let Err(e) = done {
+                    return self.local_failure(opts, &format!("preparing the disks failed: {e}"));
                 }
-            },
+                self.send_or_lost(opts, 0, &Message::RoundAck(a))
+            }
+            // Acknowledgements go on the control channel: one ordered stream, so the source
+            // never sees round r + 1 acknowledged before round r.
+            ReceiverAction::Send(m @ Message::RoundAck(_)) => self.send_or_lost(opts, 0, &m),
+            ReceiverAction::Send(m) => self.send_or_lost(opts, channel, &m),
             ReceiverAction::SendAndClose(m) => {
                 if let Some(w) = self.writer(channel) {
                     let _ = w.send(&m);
@@ -721,7 +798,8 @@ impl Session {
             }
             ReceiverAction::CheckConfig => {
                 let Message::VmConfig(cfg) = &frame.message else {
-                    return self.local_failure(opts, "a configuration check without a configuration");
+                    return self
+                        .local_failure(opts, "a configuration check without a configuration");
                 };
                 let verdict = self.check_config(opts, cfg);
                 let step = {
@@ -745,12 +823,17 @@ impl Session {
                 match decode_vcpu(index, &v.state) {
                     Ok(state) => {
                         let mut vcpus = lock(&self.vcpus);
-                        if let Some(slot) = vcpus.get_mut(usize::try_from(index).unwrap_or(usize::MAX)) {
+                        if let Some(slot) =
+                            vcpus.get_mut(usize::try_from(index).unwrap_or(usize::MAX))
+                        {
                             *slot = Some(state);
                             true
                         } else {
                             drop(vcpus);
-                            self.local_failure(opts, &format!("vCPU {index} is not in the configuration"))
+                            self.local_failure(
+                                opts,
+                                &format!("vCPU {index} is not in the configuration"),
+                            )
                         }
                     }
                     Err(e) => self.fail_with_reply(opts, channel, ErrorCode::Malformed, &e),
@@ -758,7 +841,8 @@ impl Session {
             }
             ReceiverAction::StoreDeviceState => {
                 let Message::DeviceState(d) = &frame.message else {
-                    return self.local_failure(opts, "a device state action without a device state");
+                    return self
+                        .local_failure(opts, "a device state action without a device state");
                 };
                 match decode_devices(&d.state) {
                     Ok(devs) => {
@@ -775,7 +859,9 @@ impl Session {
                 }
                 let why = match &frame.message {
                     Message::Cancel(c) => format!("the source cancelled the move: {}", c.reason),
-                    Message::Error(e) => format!("the source reported {}: {}", e.code.name(), e.message),
+                    Message::Error(e) => {
+                        format!("the source reported {}: {}", e.code.name(), e.message)
+                    }
                     _ => cause.unwrap_or_else(|| "the move failed".into()),
                 };
                 self.discard(&why);
@@ -786,11 +872,61 @@ impl Session {
                 self.close_all();
                 false
             }
-            ReceiverAction::StoreBlocks | ReceiverAction::PrepareLayer => self.local_failure(
-                opts,
-                "this destination does not take disk contents in a move yet (storage moves arrive with a later version)",
-            ),
-            ReceiverAction::AnswerOutcome(_) => self.local_failure(opts, "an outcome query inside a move"),
+            ReceiverAction::PrepareLayer => {
+                let Message::DiskLayer(l) = &frame.message else {
+                    return self.local_failure(opts, "a layer action without a layer");
+                };
+                let answers = match lock(&self.storage).as_mut() {
+                    Some(st) => st.announce(l),
+                    None => Err(
+                        "a disk layer was announced in a move that does not bring its disks".into(),
+                    ),
+                };
+                let answers = match answers {
+                    Ok(a) => a,
+                    Err(e) => {
+                        return self.local_failure(
+                            opts,
+                            &format!(
+                                "the destination cannot take disk {} layer {}: {e}",
+                                l.disk, l.layer
+                            ),
+                        );
+                    }
+                };
+                for (disk, layer, reuse) in answers {
+                    let step = {
+                        let mut guard = lock(&self.state);
+                        let Some(state) = guard.take() else {
+                            return false;
+                        };
+                        match state.answer_layer(disk, layer, reuse) {
+                            Ok(s) => s,
+                            Err(r) => r.then,
+                        }
+                    };
+                    let action = step.action;
+                    *lock(&self.state) = Some(step.state);
+                    if !self.perform(opts, channel, action, frame, None) {
+                        return false;
+                    }
+                }
+                true
+            }
+            ReceiverAction::AnswerOutcome(_) => {
+                self.local_failure(opts, "an outcome query inside a move")
+            }
+        }
+    }
+
+    /// Sends on `channel`; a failed write is a lost link. False when the move ended.
+    fn send_or_lost(&self, opts: &DestinationOptions, channel: u16, m: &Message<'_>) -> bool {
+        match self.writer(channel).map(|w| w.send(m)) {
+            Some(Ok(())) => true,
+            _ => {
+                self.on_link_lost(opts, &format!("writing to channel {channel} failed"));
+                false
+            }
         }
     }
 
@@ -801,7 +937,7 @@ impl Session {
         cfg: &crate::protocol::VmConfig<'_>,
     ) -> Verdict {
         let mut report: Vec<Incompatibility<'static>> = Vec::new();
-        let (config, cpuid) = match MoveDocument::decode(cfg) {
+        let (config, cpuid, storage) = match MoveDocument::decode_with_storage(cfg) {
             Ok(x) => x,
             Err(e) => {
                 return Verdict::Incompatible(vec![Incompatibility {
@@ -853,11 +989,24 @@ impl Session {
         if let Some(check) = &opts.host_check {
             report.extend(check(&config));
         }
+        let mut roots = None;
+        if storage {
+            match check_paths(&opts.storage_roots, &config) {
+                Ok(r) => roots = Some(r),
+                Err(problems) => report.extend(problems.into_iter().map(|p| Incompatibility {
+                    id: incompatibility::STORAGE,
+                    message: p.into(),
+                })),
+            }
+        }
         if report.is_empty() {
             match PreparedVm::prepare(config.clone(), &(opts.vm_options)(&config)) {
                 Ok(p) => {
                     *lock(&self.vcpus) = vec![None; usize::try_from(config.vcpus).unwrap_or(0)];
                     *lock(&self.prepared) = Some(Arc::new(p));
+                    if let Some(roots) = roots {
+                        *lock(&self.storage) = Some(DestStorage::new(roots, &config));
+                    }
                 }
                 Err(e) => report.push(Incompatibility {
                     id: incompatibility::BUILD,
@@ -884,6 +1033,12 @@ impl Session {
     /// Everything arrived: build the VM from the state, then — only if the move is still
     /// ours to finish — resume it and acknowledge.
     fn resume(&self, opts: &DestinationOptions) -> bool {
+        let disks = lock(&self.storage)
+            .as_mut()
+            .map_or(Ok(()), DestStorage::finish);
+        if let Err(e) = disks {
+            return self.local_failure(opts, &format!("completing the disks failed: {e}"));
+        }
         let built = self.build();
         let vm = match built {
             Ok(vm) => vm,
@@ -931,6 +1086,9 @@ impl Session {
             .map(|c| c.name.clone())
             .unwrap_or_default();
         *lock(&self.resumed) = Some(vm);
+        if let Some(st) = lock(&self.storage).as_mut() {
+            st.keep();
+        }
         (opts.on_event)(ReceivedEvent::Resumed {
             session: self.id,
             vm: name,
@@ -985,6 +1143,15 @@ impl Session {
 
     /// A failure here: tell the source, discard.
     fn local_failure(&self, _opts: &DestinationOptions, what: &str) -> bool {
+        // The reason first: once the source has the reply it closes the links, and a channel
+        // thread seeing that must not make the link's end the reason.
+        // (Once the VM runs here nothing is discarded, and end() records the reason.)
+        if !self.owns_vm() {
+            let mut r = lock(&self.end_reason);
+            if r.is_empty() {
+                what.clone_into(&mut r);
+            }
+        }
         let step = {
             let mut guard = lock(&self.state);
             let Some(state) = guard.take() else {
@@ -1030,6 +1197,8 @@ impl Session {
     /// Drops everything built for the move.
     fn discard(&self, why: &str) {
         *lock(&self.prepared) = None;
+        // Closes and removes every file the move created here.
+        *lock(&self.storage) = None;
         lock(&self.vcpus).clear();
         *lock(&self.devices) = None;
         if let Some(vm) = lock(&self.resumed).take() {

@@ -1,13 +1,14 @@
 //! The source's side of a move: [`send_vm`]. See the module doc of [`super`].
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::thread::{Scope, ScopedJoinHandle};
 use std::time::{Duration, Instant};
 
 use super::link::{ChannelWriter, Dialer, Link, LinkCloser, SharedWriter};
 use super::rate::RateLimiter;
+use super::storage::{SourceStorage, WireSink, destination_paths};
 use super::wire::{MoveDocument, chain, encode_devices, encode_vcpu};
 use super::{CancelToken, EngineError, MoveError, MoveOptions, MoveStats, Phase, Progress};
 use crate::protocol::{
@@ -51,6 +52,7 @@ struct RoundSent {
     untouched: u64,
     raw_bytes: u64,
     data_bytes: u64,
+    blocks: u64,
 }
 
 /// A round for the sender threads.
@@ -59,6 +61,9 @@ struct Job {
     pages: Arc<DirtyBitmap>,
     /// Round 1: only these pages have ever been touched; the others are zero on both sides.
     populated: Option<Arc<DirtyBitmap>>,
+    /// Disk blocks the control thread already sent on this channel in this round:
+    /// (batches, blocks), counted in its RoundEnd.
+    disk: (u64, u64),
 }
 
 /// Ends of the control loop other than going on.
@@ -118,6 +123,10 @@ struct Run<'vm, 'p> {
     final_dirty: Option<DirtyBitmap>,
     /// Compare only: end after the destination's verdict.
     check_only: bool,
+    /// Shared-nothing moves: the disks.
+    storage: Option<SourceStorage>,
+    /// Per channel: the last round whose RoundEnd its sender wrote.
+    ended: Arc<Vec<AtomicU32>>,
 }
 
 /// Moves `vm` to the destination at the other end of `control`, opening more links with
@@ -246,6 +255,8 @@ fn run(
             cancel_refused: false,
             final_dirty: None,
             check_only,
+            storage: None,
+            ended: Arc::new(Vec::new()),
         };
         spawn_watchdog(
             scope,
@@ -370,6 +381,7 @@ fn spawn_sender<'scope>(
     tx: Sender<Event>,
     abort: Arc<AtomicBool>,
     limiter: Option<Arc<RateLimiter>>,
+    ended: Arc<Vec<AtomicU32>>,
 ) {
     scope.spawn(move || {
         let mut s = PageSender {
@@ -393,6 +405,9 @@ fn spawn_sender<'scope>(
                     if let Err(e) = s.end_round(&sent) {
                         let _ = tx.send(Event::SendFailed(channel, chain(&e)));
                         return;
+                    }
+                    if let Some(e) = ended.get(usize::from(channel)) {
+                        e.store(sent.round, Ordering::SeqCst);
                     }
                 }
                 Ok(None) => return, // aborted
@@ -421,6 +436,8 @@ impl PageSender<'_> {
     fn send_round(&mut self, job: &Job) -> Result<Option<RoundSent>, EngineError> {
         let mut sent = RoundSent {
             round: job.round,
+            batches: job.disk.0,
+            blocks: job.disk.1,
             ..RoundSent::default()
         };
         let total = job.pages.pages();
@@ -484,7 +501,7 @@ impl PageSender<'_> {
             round: sent.round,
             batches: sent.batches,
             pages: sent.pages,
-            blocks: 0,
+            blocks: sent.blocks,
         }))?;
         Ok(())
     }
@@ -500,6 +517,11 @@ impl PageSender<'_> {
         Ok(())
     }
 }
+
+/// A condition [`Run::wait_until`] waits for: sees each action the loop produced (or `None`
+/// after a turn without one) and says whether the wait is over.
+type WaitCheck<'f, 'vm, 'p> =
+    dyn FnMut(&mut Run<'vm, 'p>, Option<SourceAction>) -> Result<bool, Stop> + 'f;
 
 /// What one turn of the control loop produced.
 enum Pumped {
@@ -706,6 +728,14 @@ impl<'vm, 'p> Run<'vm, 'p> {
                 other => Pumped::Action(other),
             }),
             Ok(Event::Closed(ch, why)) => {
+                // A destination that fails says why on channel 0, then closes every link: its
+                // reason may still be on its way through another channel's reader.
+                if let Some((c, v, m)) = self.reason_after_close() {
+                    return Ok(match self.on_frame(c, v, m)? {
+                        SourceAction::None => Pumped::Nothing,
+                        other => Pumped::Action(other),
+                    });
+                }
                 let why = if self.timed_out.load(Ordering::SeqCst) {
                     format!(
                         "the destination has not answered for {} s",
@@ -729,6 +759,31 @@ impl<'vm, 'p> Run<'vm, 'p> {
             Err(RecvTimeoutError::Timeout) => Ok(Pumped::Nothing),
             Err(RecvTimeoutError::Disconnected) => Err(self.failed("the engine's threads ended")),
         }
+    }
+
+    /// After a channel closed: an Error or Cancel from the destination arriving within a
+    /// moment (other events are queued again, in their order, after it).
+    fn reason_after_close(&mut self) -> Option<(u16, ProtocolVersion, Message<'static>)> {
+        if self.phase == Phase::Handoff {
+            return None;
+        }
+        let deadline = Instant::now() + Duration::from_millis(200);
+        let mut others = Vec::new();
+        let mut found = None;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.events.recv_timeout(left) {
+                Ok(Event::Frame(c, v, m @ (Message::Error(_) | Message::Cancel(_)))) => {
+                    found = Some((c, v, m));
+                    break;
+                }
+                Ok(other) => others.push(other),
+                Err(_) => break,
+            }
+        }
+        for e in others {
+            let _ = self.events_tx.send(e);
+        }
+        found
     }
 
     fn on_cancel(&mut self) -> Result<(), Stop> {
@@ -844,6 +899,24 @@ impl<'vm, 'p> Run<'vm, 'p> {
         'vm: 'scope,
     {
         // ── setup ──
+        // The parents' checksums first: reading them may take long, and the destination
+        // expects a steady conversation once the Hello is sent.
+        if let (Some(so), false) = (&self.opts.storage, self.check_only) {
+            match SourceStorage::new(self.vm, so, self.cancel.flag()) {
+                Ok(st) => self.storage = Some(st),
+                Err(_) if self.cancel.is_cancelled() => {
+                    return Err(Stop::Here(MoveError::Cancelled {
+                        reason: self.cancel.reason(),
+                    }));
+                }
+                Err(e) => {
+                    return Err(Stop::Here(MoveError::Failed {
+                        phase: "setting up",
+                        cause: format!("reading the VM's disks failed: {e}"),
+                    }));
+                }
+            }
+        }
         let (state, mut hello) =
             SourceState::start(session, self.opts.channels, self.opts.software.clone())
                 .map_err(|e| self.failed(e.to_string()))?;
@@ -859,9 +932,20 @@ impl<'vm, 'p> Run<'vm, 'p> {
             "the destination's Hello",
             &[|a| matches!(a, SourceAction::SendConfig)],
         )?;
-        let mapped = map_switches(self.vm.config(), &self.opts.switch_map);
-        let config = MoveDocument::message(&mapped, self.vm.guest_cpuid())
-            .map_err(|e| self.local_failure(&chain(&e)))?;
+        let mut mapped = map_switches(self.vm.config(), &self.opts.switch_map);
+        if let Some(so) = &self.opts.storage {
+            let paths = destination_paths(&mapped, &so.target)
+                .map_err(|e| self.local_failure(&format!("placing the disks: {e}")))?;
+            for (d, p) in mapped.disks.iter_mut().zip(paths) {
+                d.path = p;
+            }
+        }
+        let config = MoveDocument::message_with_storage(
+            &mapped,
+            self.vm.guest_cpuid(),
+            self.opts.storage.is_some(),
+        )
+        .map_err(|e| self.local_failure(&chain(&e)))?;
         self.send(&config)?;
         let step = self
             .take_state()
@@ -953,6 +1037,11 @@ impl<'vm, 'p> Run<'vm, 'p> {
     {
         let n = u16::try_from(self.channels.len()).unwrap_or(u16::MAX);
         let vm: &'scope Vm = self.vm;
+        self.ended = Arc::new(
+            (0..self.channels.len())
+                .map(|_| AtomicU32::new(0))
+                .collect(),
+        );
         for (i, c) in self.channels.iter_mut().enumerate() {
             let encoder = BatchEncoder::new(self.version, self.opts.compression).map_err(|e| {
                 Stop::Here(MoveError::Failed {
@@ -973,9 +1062,138 @@ impl<'vm, 'p> Run<'vm, 'p> {
                 self.events_tx.clone(),
                 Arc::clone(&self.abort),
                 self.limiter.clone(),
+                Arc::clone(&self.ended),
             );
         }
         Ok(())
+    }
+
+    /// Pumps until `done` holds (answers, acknowledgements, senders' round ends arrive).
+    fn wait_until(&mut self, what: &str, done: &mut WaitCheck<'_, 'vm, 'p>) -> Result<(), Stop> {
+        let start = Instant::now();
+        if done(self, None)? {
+            return Ok(());
+        }
+        loop {
+            match self.pump()? {
+                Pumped::Sent(s) => self.sent.push(s),
+                Pumped::Action(a) => {
+                    if done(self, Some(a))? {
+                        return Ok(());
+                    }
+                    continue;
+                }
+                Pumped::Nothing => {}
+            }
+            if done(self, None)? {
+                return Ok(());
+            }
+            if start.elapsed() > self.opts.link_timeout {
+                let why = format!(
+                    "the destination did not answer within {} s while the engine waited for {what}",
+                    self.opts.link_timeout.as_secs()
+                );
+                self.link_lost(&why)?;
+            }
+        }
+    }
+
+    /// The disks' part of a round (see [`super::storage`]), sent before the round's pages.
+    /// Returns per channel the (batches, blocks) sent.
+    fn disk_round(&mut self, round: u32, last: bool) -> Result<Vec<(u64, u64)>, Stop> {
+        let n = self.channels.len();
+        if self.storage.is_none() {
+            return Ok(vec![(0, 0); n]);
+        }
+        // Every channel's RoundEnd of the previous round is out: this round's blocks follow.
+        let prev = round.saturating_sub(1);
+        self.wait_until("the previous round to end", &mut |r, a| {
+            if let Some(a) = a {
+                return Err(
+                    r.local_failure(&format!("the engine did not expect {a:?} between rounds"))
+                );
+            }
+            Ok(r.ended.iter().all(|e| e.load(Ordering::SeqCst) >= prev))
+        })?;
+        if round == 1 {
+            let announcements = match self.storage.as_ref().map(SourceStorage::announcements) {
+                Some(Ok(a)) => a,
+                Some(Err(e)) => return Err(self.local_failure(&e)),
+                None => Vec::new(),
+            };
+            for m in &announcements {
+                self.send(m)?;
+            }
+            self.wait_until(
+                "the destination's answers about the disk layers",
+                &mut |r, a| {
+                    match a {
+                        Some(SourceAction::LayerAnswer { disk, layer, reuse }) => {
+                            if let Some(st) = r.storage.as_mut() {
+                                st.answered(disk, layer, reuse);
+                            }
+                        }
+                        Some(other) => {
+                            return Err(r.local_failure(&format!(
+                                "the engine did not expect {other:?} while the disks were announced"
+                            )));
+                        }
+                        None => {}
+                    }
+                    Ok(r.storage.as_ref().is_none_or(SourceStorage::all_answered))
+                },
+            )?;
+        }
+        if round == 2 {
+            // The destination completes the parents and creates the active layers when it
+            // acknowledges round 1.
+            self.wait_until("the destination to acknowledge round 1", &mut |r, a| {
+                if let Some(a) = a {
+                    return Err(
+                        r.local_failure(&format!("the engine did not expect {a:?} after round 1"))
+                    );
+                }
+                Ok(r.acked >= 1)
+            })?;
+        }
+        let Some(mut st) = self.storage.take() else {
+            return Ok(vec![(0, 0); n]);
+        };
+        let writers: Vec<SharedWriter> = self
+            .channels
+            .iter()
+            .map(|c| Arc::clone(&c.writer))
+            .collect();
+        let result = WireSink::new(
+            writers,
+            self.version,
+            self.opts.compression,
+            self.cancel,
+            Arc::clone(&self.abort),
+            self.limiter.clone(),
+            st.bytes,
+        )
+        .and_then(|mut sink| {
+            let r = match round {
+                1 => st.copy_parents(&mut sink, round),
+                2 => st.bulk(&mut sink, round),
+                _ => st.dirty(&mut sink, round, last),
+            };
+            match r.and_then(|()| sink.end()) {
+                Ok(()) => Ok(sink.counts.clone()),
+                Err(e) if sink.was_cancelled() => Err(format!("cancelled: {e}")),
+                Err(e) => Err(e),
+            }
+        });
+        self.storage = Some(st);
+        match result {
+            Ok(counts) => Ok(counts),
+            Err(_) if self.cancel.is_cancelled() => {
+                self.on_cancel()?;
+                Err(self.failed("the move was cancelled while the disks were copied"))
+            }
+            Err(e) => Err(self.local_failure(&format!("copying the disks failed: {e}"))),
+        }
     }
 
     /// Sends one round on every channel and waits until every channel finished it.
@@ -984,13 +1202,16 @@ impl<'vm, 'p> Run<'vm, 'p> {
         round: u32,
         pages: Arc<DirtyBitmap>,
         populated: Option<Arc<DirtyBitmap>>,
+        last: bool,
     ) -> Result<RoundSent, Stop> {
+        let disk = self.disk_round(round, last)?;
         let mut dispatched = true;
-        for c in &self.channels {
+        for (i, c) in self.channels.iter().enumerate() {
             let job = Job {
                 round,
                 pages: Arc::clone(&pages),
                 populated: populated.clone(),
+                disk: disk.get(i).copied().unwrap_or((0, 0)),
             };
             dispatched &= c.jobs.as_ref().is_some_and(|j| j.send(job).is_ok());
         }
@@ -1013,6 +1234,7 @@ impl<'vm, 'p> Run<'vm, 'p> {
                     total.untouched += s.untouched;
                     total.raw_bytes += s.raw_bytes;
                     total.data_bytes += s.data_bytes;
+                    total.blocks += s.blocks;
                     self.sent.push(s);
                 }
                 Pumped::Sent(s) => self.sent.push(s),
@@ -1054,7 +1276,7 @@ impl<'vm, 'p> Run<'vm, 'p> {
             round += 1;
             let t0 = Instant::now();
             let b0 = self.bytes_sent();
-            let sent = self.run_round(round, pages, populated.take())?;
+            let sent = self.run_round(round, pages, populated.take(), false)?;
             let dt = t0.elapsed();
             let bytes = self.bytes_sent().saturating_sub(b0);
             let harvested = Instant::now();
@@ -1079,11 +1301,16 @@ impl<'vm, 'p> Run<'vm, 'p> {
             if let Some(l) = &self.limiter {
                 rate = rate.min(l.bytes_per_s() as f64);
             }
-            let remaining = d * PAGE_BYTES as u64;
-            let expected = d as f64 * wire_per_page / rate + SWITCHOVER_OVERHEAD.as_secs_f64();
+            let disk_remaining = self.storage.as_ref().map_or(0, SourceStorage::dirty_bytes);
+            let remaining = d * PAGE_BYTES as u64 + disk_remaining;
+            let expected = d as f64 * wire_per_page / rate
+                + disk_remaining as f64 / rate
+                + SWITCHOVER_OVERHEAD.as_secs_f64();
             let dirty_rate = remaining as f64 / dirty_time;
             let target = self.opts.downtime_target.as_secs_f64();
-            let fits = expected <= target;
+            // With disks: round 1 copies the parents, round 2 the active layers in bulk,
+            // round 3 what the guest wrote meanwhile; the switchover comes after that.
+            let fits = expected <= target && (self.storage.is_none() || round >= 3);
             let shrinking = prev_dirty.is_none_or(|p| (d as f64) < 0.9 * p as f64);
             prev_dirty = Some(d);
             self.report(Progress {
@@ -1147,6 +1374,21 @@ impl<'vm, 'p> Run<'vm, 'p> {
     /// Pauses the VM, sends the last pages and the state, and Complete.
     fn switchover(&mut self, last_round: u32) -> Result<(), Stop> {
         let vm = self.vm;
+        if self.storage.is_some() {
+            // The destination makes the disk copy durable as it acknowledges the bulk round:
+            // pause only once it caught up, so that the pause does not wait for its disk.
+            self.wait_until(
+                "the destination to acknowledge the pre-copy",
+                &mut |r, a| {
+                    if let Some(a) = a {
+                        return Err(r.local_failure(&format!(
+                            "the engine did not expect {a:?} before the switchover"
+                        )));
+                    }
+                    Ok(r.acked >= last_round)
+                },
+            )?;
+        }
         self.set_phase(Phase::Switchover);
         self.paused_at = Some(Instant::now());
         vm.pause().map_err(|e| self.local_failure(&chain(&e)))?;
@@ -1162,7 +1404,7 @@ impl<'vm, 'p> Run<'vm, 'p> {
             dirty.union_with(&before);
         }
         let final_round = last_round + 1;
-        self.run_round(final_round, Arc::new(dirty), None)?;
+        self.run_round(final_round, Arc::new(dirty), None, true)?;
         self.stats.rounds = final_round;
         let state = vm
             .save_state()
@@ -1198,7 +1440,7 @@ impl<'vm, 'p> Run<'vm, 'p> {
         let totals = Complete {
             batches: self.sent.iter().map(|s| s.batches).sum(),
             pages: self.sent.iter().map(|s| s.pages).sum(),
-            blocks: 0,
+            blocks: self.sent.iter().map(|s| s.blocks).sum(),
         };
         let step = self
             .take_state()
@@ -1223,6 +1465,14 @@ impl<'vm, 'p> Run<'vm, 'p> {
         match stop {
             Stop::Released => {
                 let resumed_at = Instant::now();
+                if let Some(st) = self.storage.as_mut() {
+                    let (parents, deleted) = st.release();
+                    self.stats.source_parents = parents;
+                    self.stats.source_files_deleted = deleted;
+                    self.stats.disk_bytes_sent = st.bytes;
+                    self.stats.disk_bytes_reused = st.reused_bytes;
+                    self.stats.disk_parent_bytes_sent = st.parent_bytes;
+                }
                 self.notify(&Message::Released);
                 self.close_links();
                 self.fill_stats(resumed_at);

@@ -21,6 +21,9 @@ pub struct MoveDocument {
     pub config_toml: String,
     /// vCPU 0's CPUID.
     pub cpuid: Vec<kvm_cpuid_entry2>,
+    /// The disks' contents come with the move (shared-nothing): the configuration's disk
+    /// paths are where the destination is to create them.
+    pub storage: bool,
 }
 
 impl MoveDocument {
@@ -29,9 +32,19 @@ impl MoveDocument {
         config: &VmConfig,
         cpuid: &[kvm_cpuid_entry2],
     ) -> Result<Message<'static>, EngineError> {
+        MoveDocument::message_with_storage(config, cpuid, false)
+    }
+
+    /// The VmConfig message for a VM whose disks come with the move when `storage`.
+    pub fn message_with_storage(
+        config: &VmConfig,
+        cpuid: &[kvm_cpuid_entry2],
+        storage: bool,
+    ) -> Result<Message<'static>, EngineError> {
         let doc = MoveDocument {
             config_toml: config.to_toml(),
             cpuid: cpuid.to_vec(),
+            storage,
         };
         let bytes = postcard::to_stdvec(&doc).map_err(|e| {
             EngineError::Other(format!("the VM configuration could not be encoded: {e}"))
@@ -52,6 +65,13 @@ impl MoveDocument {
     pub fn decode(
         msg: &protocol::VmConfig<'_>,
     ) -> Result<(VmConfig, Vec<kvm_cpuid_entry2>), String> {
+        MoveDocument::decode_with_storage(msg).map(|(c, cpuid, _)| (c, cpuid))
+    }
+
+    /// [`MoveDocument::decode`], and whether the disks' contents come with the move.
+    pub fn decode_with_storage(
+        msg: &protocol::VmConfig<'_>,
+    ) -> Result<(VmConfig, Vec<kvm_cpuid_entry2>, bool), String> {
         let doc: MoveDocument = postcard::from_bytes(&msg.config)
             .map_err(|e| format!("the VM configuration document does not decode: {e}"))?;
         let config = VmConfig::from_toml(&doc.config_toml, None)
@@ -74,7 +94,7 @@ impl MoveDocument {
                 msg.disks
             ));
         }
-        Ok((config, doc.cpuid))
+        Ok((config, doc.cpuid, doc.storage))
     }
 }
 

@@ -152,7 +152,8 @@ pub struct RoundAck {
 
 /// A disk layer is about to be copied.
 ///
-/// `u32 disk | u32 layer | u8 format | u64 size | [32] checksum | text backing`
+/// `u32 disk | u32 layer | u8 format | u64 size | [32] checksum | text backing | text name |
+/// bool active`
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskLayer<'a> {
     /// The disk's index in the configuration.
@@ -168,6 +169,12 @@ pub struct DiskLayer<'a> {
     pub checksum: [u8; 32],
     /// The backing file name the layer refers to (empty for a base layer).
     pub backing: Cow<'a, str>,
+    /// The layer file's own name (a plain file name: no `/`, not `.` or `..`, at most
+    /// [`MAX_NAME_LEN`] bytes), so the destination can place a parent before it learns the
+    /// reference of the layer above.
+    pub name: Cow<'a, str>,
+    /// The active layer (the one the guest writes; mirrored, never reused).
+    pub active: bool,
 }
 
 /// Whether the destination reuses an identical layer it already has (then the source skips
@@ -372,8 +379,14 @@ impl<'a> Message<'a> {
             Message::RoundEnd(e) => Message::RoundEnd(*e),
             Message::RoundAck(a) => Message::RoundAck(*a),
             Message::DiskLayer(l) => Message::DiskLayer(DiskLayer {
+                disk: l.disk,
+                layer: l.layer,
+                format: l.format,
+                size: l.size,
+                checksum: l.checksum,
                 backing: own(&l.backing),
-                ..*l
+                name: own(&l.name),
+                active: l.active,
             }),
             Message::DiskLayerAnswer(a) => Message::DiskLayerAnswer(*a),
             Message::SwitchoverBegin(b) => Message::SwitchoverBegin(*b),
@@ -503,6 +516,8 @@ impl<'a> Message<'a> {
                 w.u64(m.size);
                 w.bytes(&m.checksum);
                 w.text("backing", &m.backing, MAX_TEXT_LEN)?;
+                w.text("name", &m.name, MAX_NAME_LEN)?;
+                w.bool(m.active);
             }
             Message::DiskLayerAnswer(m) => {
                 w.u32(m.disk);
@@ -644,6 +659,8 @@ impl<'a> Message<'a> {
                     size: r.u64("size")?,
                     checksum: r.array("checksum")?,
                     backing: Cow::Borrowed(r.text("backing", MAX_TEXT_LEN)?),
+                    name: Cow::Borrowed(r.text("name", MAX_NAME_LEN)?),
+                    active: r.bool("active")?,
                 };
                 check_disk_layer(&m)
                     .map_err(|reason| ProtocolError::invalid(kind, "layer", reason))?;
@@ -788,6 +805,12 @@ fn check_disk_layer(m: &DiskLayer<'_>) -> Result<(), String> {
             m.size
         ));
     }
+    if m.name.is_empty() || m.name == "." || m.name == ".." || m.name.contains(['/', '\0']) {
+        return Err(format!(
+            "the file name {:?} is not a plain file name",
+            m.name
+        ));
+    }
     Ok(())
 }
 
@@ -859,6 +882,8 @@ pub(crate) mod tests {
                 size: 10 << 30,
                 checksum: [0xab; 32],
                 backing: "base.qcow2".into(),
+                name: "web1.qcow2".into(),
+                active: true,
             }),
             Message::DiskLayerAnswer(DiskLayerAnswer {
                 disk: 0,
@@ -995,6 +1020,55 @@ pub(crate) mod tests {
             .unwrap_err();
         assert!(
             e.to_string().contains("cannot encode protocol version 9"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn disk_layer_names_must_be_plain_file_names() {
+        let layer = |name: &str| {
+            Message::DiskLayer(DiskLayer {
+                disk: 0,
+                layer: 0,
+                format: DiskFormat::Raw,
+                size: 1 << 20,
+                checksum: [7; 32],
+                backing: "".into(),
+                name: name.to_string().into(),
+                active: false,
+            })
+        };
+        for bad in [
+            "",
+            ".",
+            "..",
+            "a/b",
+            "/etc/passwd",
+            &"n".repeat(MAX_NAME_LEN + 1),
+        ] {
+            let mut out = Vec::new();
+            let e = layer(bad)
+                .encode(ProtocolVersion::CURRENT, &mut out)
+                .unwrap_err();
+            assert_eq!(e.fault(), crate::protocol::Fault::OwnBug, "{bad:?}: {e}");
+        }
+        // A peer that sends one anyway: the frame of "Q" with the name patched to "/".
+        let mut out = Vec::new();
+        layer("Q")
+            .encode(ProtocolVersion::CURRENT, &mut out)
+            .unwrap();
+        let at = out.iter().rposition(|&b| b == b'Q').unwrap();
+        out[at] = b'/';
+        let e = match decode_frame(&out) {
+            Err(e) => e,
+            Ok(_) => panic!("a layer named \"/\" decoded"),
+        };
+        assert!(e.to_string().contains("plain file name"), "{e}");
+        assert!(
+            matches!(
+                e.fault(),
+                crate::protocol::Fault::MalformedBytes | crate::protocol::Fault::MisbehavingPeer
+            ),
             "{e}"
         );
     }

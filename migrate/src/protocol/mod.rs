@@ -35,9 +35,10 @@
 //!  on channels 1..n:  Hello{Join, session, channel i of n} ──▶
 //!                       ◀── HelloAck{channel i}
 //!  ── storage (shared-nothing moves) ───────────────────────────────────────────────
-//!  DiskLayer{disk, layer, size, sha256, backing} ──▶
+//!  DiskLayer{disk, layer, size, sha256, backing, name, active} ──▶  (base first)
 //!                       ◀── DiskLayerAnswer{reuse: D holds an identical parent}
-//!  DiskBlocks{disk, layer, round, blocks…} ──▶   (any channel, by stripe; not if reused)
+//!  DiskBlocks{disk, layer, round, blocks…} ──▶   (any channel, by stripe; not if reused;
+//!                                                 counted in RoundEnd like pages)
 //!  ── memory pre-copy, rounds r = 1, 2, … ──────────────────────────────────────────
 //!  MemoryBatch{r, pages…} ──▶  (any channel, by stripe; zero pages as flags, lz4/zstd)
 //!  RoundEnd{r, batches, pages, blocks} ──▶  (on every channel, counting its own data)

@@ -1763,6 +1763,8 @@ mod tests {
                 size: 10 * 65536 + 1,
                 checksum: [0; 32],
                 backing: "".into(),
+                name: "disk.raw".into(),
+                active: true,
             }))
         };
         let s = receiving_one_channel();

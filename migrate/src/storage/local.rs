@@ -530,6 +530,16 @@ fn reopen(path: &Path, format: crate::disk::DiskFormat) -> Result<Disk, PlanErro
     }
 }
 
+/// After a shared-nothing move, once the source VM is shut down: deletes each of `paths`
+/// (the read-only parents of the moved disks) unless `keep`, or another VM or QEMU still has
+/// it open (a parent shared with another VM stays).
+pub fn release_files(paths: &[PathBuf], keep: bool) -> Vec<SourceFile> {
+    paths
+        .iter()
+        .map(|p| release(p.clone(), keep, &[]))
+        .collect()
+}
+
 /// Deletes an old file unless kept or still in use by another open file (a lock probe that
 /// QEMU's locks answer too), or it is one of the new files.
 fn release(path: PathBuf, keep: bool, new_files: &[(u64, u64)]) -> SourceFile {

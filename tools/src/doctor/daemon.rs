@@ -265,6 +265,9 @@ fn vm_compatible(ctx: &mut Context) -> CheckResult {
         destination: d.config.fqdn.clone(),
         ccache,
         switch_map: ctx.settings().switch_map.clone(),
+        storage_path: None,
+        disks: Vec::new(),
+        keep_source: false,
     };
     let h = d.config.host_name.clone();
     match s.call(&Request::Compare(spec)) {

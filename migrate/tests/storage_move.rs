@@ -1,0 +1,706 @@
+//! Shared-nothing moves through the engine in one process over loopback TCP, real KVM on
+//! both ends, images made by qemu-img: a VM running memstress and diskstress moves with its
+//! disk (the memory and disk sequence checks pass at the destination, the source file is
+//! gone), a 3-layer qcow2 chain moves (`qemu-img check` and `--backing-chain` valid at the
+//! destination) and a second VM on the same base reuses the parents (fewer bytes), a cancel
+//! during the bulk copy leaves nothing at the destination and the VM running here with its
+//! disk intact, and a destination outside the storage roots is refused with id 1009.
+
+mod vm_common;
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use vm_common::{qcow2_on, require_kvm, s, tool};
+use vmgate_migrate::engine::{
+    CancelToken, Destination, DestinationOptions, Dialer, FaultAction, FaultPoint, Link, MoveError,
+    MoveOptions, MoveStats, Phase, Received, StorageOptions, StorageTarget, compare_vm,
+    incompatibility, send_vm,
+};
+use vmgate_migrate::storage::local::release_files;
+use vmgate_migrate::vm::check::check_vm;
+use vmgate_migrate::vm::{Vm, VmConfig, VmOptions};
+
+/// One move at a time: they are heavy, and a `qemu-img` forked by another test would hold
+/// a file's lock for an instant as the destination opens it.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+struct TcpDialer(SocketAddr);
+
+impl Dialer for TcpDialer {
+    fn dial(&mut self) -> Result<Link, Box<dyn std::error::Error + Send + Sync>> {
+        Ok(Link::tcp(TcpStream::connect(self.0)?)?)
+    }
+}
+
+/// A destination with `roots` as its storage roots, serving every connection on its own
+/// thread; what each move ended with goes to the returned channel.
+fn destination(roots: Vec<PathBuf>) -> (SocketAddr, std::sync::mpsc::Receiver<Received>) {
+    destination_with(DestinationOptions {
+        storage_roots: roots,
+        ..DestinationOptions::default()
+    })
+}
+
+fn destination_with(opts: DestinationOptions) -> (SocketAddr, std::sync::mpsc::Receiver<Received>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let dest = Arc::new(Destination::new(opts));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for st in listener.incoming() {
+            let Ok(st) = st else { return };
+            let d = Arc::clone(&dest);
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let r = d.handle(Link::tcp(st).unwrap());
+                if !matches!(r, Received::Joined | Received::Answered) {
+                    let _ = tx.send(r);
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+fn move_vm(
+    vm: &Vm,
+    addr: SocketAddr,
+    opts: &MoveOptions,
+    cancel: &CancelToken,
+) -> Result<MoveStats, MoveError> {
+    let control = Link::tcp(TcpStream::connect(addr).unwrap()).unwrap();
+    send_vm(vm, control, &mut TcpDialer(addr), opts, cancel, &mut |_| {})
+}
+
+fn storage(target: StorageTarget, keep_source: bool) -> MoveOptions {
+    MoveOptions {
+        channels: 2,
+        storage: Some(StorageOptions {
+            target,
+            keep_source,
+        }),
+        ..MoveOptions::default()
+    }
+}
+
+/// vCPU 0: diskstress over `blocks` 4 KiB blocks of disk 0; vCPU 1: memstress.
+fn vm_with_disk(dir: &Path, name: &str, disk: &Path, format: &str, blocks: u64) -> Vm {
+    require_kvm();
+    let text = format!(
+        r#"
+name = "{name}"
+memory_mib = 64
+vcpus = 2
+[[vcpu]]
+program = "diskstress"
+disk = 0
+block_size = 4096
+blocks = {blocks}
+marker_every = 1000
+[[vcpu]]
+program = "memstress"
+start_mib = 8
+size_mib = 16
+marker_every = 4
+full_content = true
+[[disk]]
+path = "{}"
+format = "{format}"
+"#,
+        s(disk)
+    );
+    let config = VmConfig::from_toml(&text, Some(dir)).expect("valid test config");
+    Vm::create(config, &VmOptions::default()).expect("VM starts")
+}
+
+fn wait_counter(vm: &Vm, vcpu: u32, n: u64) {
+    let from = vm.mailbox(vcpu).unwrap().counter;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while vm.mailbox(vcpu).unwrap().counter < from + n {
+        assert!(
+            Instant::now() < deadline,
+            "vCPU {vcpu} made no progress (errors {:?})",
+            vm.block_errors()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Pauses, runs every checker (memory and disk sequence), asserts all pass.
+fn assert_checks_pass(vm: &Vm) {
+    vm.pause().unwrap();
+    assert!(vm.block_errors().is_empty(), "{:?}", vm.block_errors());
+    let checks = check_vm(vm).unwrap();
+    assert!(
+        checks.iter().any(|c| c.check == "disk-sequence"),
+        "{checks:#?}"
+    );
+    assert!(checks.iter().all(|c| c.ok), "{checks:#?}");
+    vm.resume().unwrap();
+}
+
+fn received_vm(results: &std::sync::mpsc::Receiver<Received>) -> Vm {
+    match results.recv_timeout(Duration::from_secs(60)).unwrap() {
+        Received::Vm(got) => {
+            assert!(got.released, "the source did not confirm: {}", got.note);
+            got.vm
+        }
+        other => panic!("the destination did not get the VM: {other:?}"),
+    }
+}
+
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(files_under(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// A raw image of `mib` MiB: zeroes for the diskstress region (first MiB), then data.
+fn raw_image(path: &Path, mib: usize) {
+    let mut data = vec![0u8; mib << 20];
+    for (i, b) in data.iter_mut().enumerate().skip(1 << 20) {
+        *b = u8::try_from((i / 4096) % 251).unwrap() ^ 0x5A;
+    }
+    std::fs::write(path, data).unwrap();
+}
+
+fn canonical_dir(dir: &Path, name: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::create_dir_all(&p).unwrap();
+    std::fs::canonicalize(p).unwrap()
+}
+
+#[test]
+fn memstress_and_diskstress_vm_moves_with_its_disk() {
+    let _one = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let src = canonical_dir(dir.path(), "src");
+    let root = canonical_dir(dir.path(), "root");
+    let (addr, results) = destination(vec![root.clone()]);
+
+    // 40 MiB: 640 blocks of 64 KiB, so stripes of 512 blocks go over both channels.
+    let disk = src.join("d0.raw");
+    raw_image(&disk, 40);
+    let original_tail = std::fs::read(&disk).unwrap()[1 << 20..].to_vec();
+    let vm = vm_with_disk(dir.path(), "mover", &disk, "raw", 256);
+    vm.resume().unwrap();
+    wait_counter(&vm, 0, 300);
+    wait_counter(&vm, 1, 1);
+
+    let dest = root.join("web/d0.raw");
+    let opts = storage(
+        StorageTarget::PerDisk(vec![(disk.clone(), dest.clone())]),
+        false,
+    );
+    let stats = move_vm(&vm, addr, &opts, &CancelToken::new())
+        .unwrap_or_else(|e| panic!("move failed: {e}"));
+    assert!(!vm.running());
+    let sequence_at_switch = vm.mailbox(0).unwrap().counter;
+    drop(vm);
+    let dvm = received_vm(&results);
+    assert_eq!(dvm.config().disks[0].path, dest);
+    // The guest keeps writing on the new file, and everything it wrote before is there.
+    wait_counter(&dvm, 0, 300);
+    assert!(dvm.mailbox(0).unwrap().counter > sequence_at_switch);
+    wait_counter(&dvm, 1, 2);
+    assert_checks_pass(&dvm);
+    // The bulk copy sent the disk's data (40 MiB, of which 39 MiB of pattern).
+    assert!(stats.disk_bytes_sent >= 39 << 20, "{stats:?}");
+    assert_eq!(stats.source_files_deleted, vec![disk.clone()]);
+    assert!(!disk.exists(), "the source file is still there");
+    assert!(!dest.with_extension("raw.vmgate-partial").exists());
+    dvm.pause().unwrap();
+    dvm.flush_disks().unwrap();
+    drop(dvm);
+    // Outside the diskstress region the copy is the original, byte for byte.
+    assert_eq!(std::fs::read(&dest).unwrap()[1 << 20..], original_tail[..]);
+}
+
+/// base.raw (0x11 at 8 MiB) <- mid.qcow2 (relative reference; 0x22 at 12 MiB) <- top
+/// (absolute reference to mid). Returns (base, mid, top).
+fn three_layers(dir: &Path, top_name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let base = dir.join("base.raw");
+    let mid = dir.join("mid.qcow2");
+    if !base.exists() {
+        tool("qemu-img", &["create", "-q", "-f", "raw", s(&base), "16M"]);
+        tool(
+            "qemu-io",
+            &["-f", "raw", "-c", "write -P 0x11 8M 64k", s(&base)],
+        );
+        qcow2_on(&mid, "base.raw", "raw");
+        tool(
+            "qemu-io",
+            &["-f", "qcow2", "-c", "write -P 0x22 12M 64k", s(&mid)],
+        );
+    }
+    let top = dir.join(top_name);
+    qcow2_on(&top, s(&mid), "qcow2");
+    (base, mid, top)
+}
+
+#[test]
+fn qcow2_chain_moves_and_a_second_vm_reuses_the_parents() {
+    let _one = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let src = canonical_dir(dir.path(), "src");
+    let root = canonical_dir(dir.path(), "root");
+    let (addr, results) = destination(vec![root.clone()]);
+    let (base, mid, top1) = three_layers(&src, "top1.qcow2");
+    let (_, _, top2) = three_layers(&src, "top2.qcow2");
+    let folder = root.join("vms");
+
+    let vm1 = vm_with_disk(dir.path(), "chain1", &top1, "qcow2", 200);
+    let vm2 = vm_with_disk(dir.path(), "chain2", &top2, "qcow2", 200);
+    vm1.resume().unwrap();
+    vm2.resume().unwrap();
+    wait_counter(&vm1, 0, 250);
+    wait_counter(&vm2, 0, 250);
+
+    // VM 1: both parents are copied; its own layer is deleted at the source.
+    let s1 = move_vm(
+        &vm1,
+        addr,
+        &storage(StorageTarget::Folder(folder.clone()), false),
+        &CancelToken::new(),
+    )
+    .unwrap_or_else(|e| panic!("move 1 failed: {e}"));
+    drop(vm1);
+    let d1 = received_vm(&results);
+    assert_eq!(s1.disk_bytes_reused, 0, "{s1:?}");
+    assert_eq!(s1.source_files_deleted, vec![top1.clone()]);
+    assert_eq!(s1.source_parents, vec![base.clone(), mid.clone()]);
+    assert!(!top1.exists());
+
+    // VM 2 into the same folder, keeping its source files: the parents there are
+    // identical (verified by checksum) and not sent again.
+    let s2 = move_vm(
+        &vm2,
+        addr,
+        &storage(StorageTarget::Folder(folder.clone()), true),
+        &CancelToken::new(),
+    )
+    .unwrap_or_else(|e| panic!("move 2 failed: {e}"));
+    drop(vm2);
+    let d2 = received_vm(&results);
+    let parents_len =
+        std::fs::metadata(&base).unwrap().len() + std::fs::metadata(&mid).unwrap().len();
+    assert_eq!(s2.disk_bytes_reused, parents_len, "{s2:?}");
+    // The first move sent the parents' data (base: 64 KiB of 0x11; mid: a 64 KiB cluster of
+    // 0x22 and its metadata), the second none of it.
+    assert!(s1.disk_parent_bytes_sent >= 3 * 65536, "{s1:?}");
+    assert_eq!(s2.disk_parent_bytes_sent, 0, "{s2:?}");
+    assert!(s2.source_files_deleted.is_empty());
+    assert!(top2.exists(), "keep_source deleted the source file");
+
+    for vm in [&d1, &d2] {
+        wait_counter(vm, 0, 250);
+        assert_checks_pass(vm);
+        vm.pause().unwrap();
+        vm.flush_disks().unwrap();
+    }
+    drop((d1, d2));
+
+    // Both source VMs are gone: the parents can go (kept when asked).
+    let kept = release_files(&s2.source_parents, true);
+    assert!(kept.iter().all(|f| !f.deleted) && base.exists());
+    let released = release_files(&s1.source_parents, false);
+    assert!(released.iter().all(|f| f.deleted), "{released:?}");
+
+    for top in ["top1.qcow2", "top2.qcow2"] {
+        let t = folder.join(top);
+        tool("qemu-img", &["check", "-q", s(&t)]);
+        let info = tool(
+            "qemu-img",
+            &["info", "--backing-chain", "--output=json", s(&t)],
+        );
+        let chain: serde_json::Value = serde_json::from_str(&info).unwrap();
+        let files: Vec<&str> = chain
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["filename"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            files,
+            [
+                s(&t),
+                s(&folder.join("mid.qcow2")),
+                s(&folder.join("base.raw"))
+            ],
+            "{info}"
+        );
+        // The absolute reference was rewritten, the relative one kept.
+        assert_eq!(
+            chain[0]["full-backing-filename"].as_str(),
+            Some(s(&folder.join("mid.qcow2")))
+        );
+        assert_eq!(chain[1]["backing-filename"].as_str(), Some("base.raw"));
+        // The lower layers' data reads through the new chain.
+        let out = tool(
+            "qemu-io",
+            &[
+                "-r",
+                "-f",
+                "qcow2",
+                "-c",
+                "read -P 0x11 8M 64k",
+                "-c",
+                "read -P 0x22 12M 64k",
+                s(&t),
+            ],
+        );
+        assert!(!out.contains("Pattern verification failed"), "{out}");
+    }
+    tool("qemu-img", &["check", "-q", s(&folder.join("mid.qcow2"))]);
+}
+
+/// A move cancelled during the bulk copy (`mirroring` false: 800 ms after the active layer
+/// appeared at the destination) or during mirroring (once round 2, the bulk copy, ended).
+fn cancelled_move(mirroring: bool) {
+    let _one = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let src = canonical_dir(dir.path(), "src");
+    let root = canonical_dir(dir.path(), "root");
+    let (addr, results) = destination(vec![root.clone()]);
+    let disk = src.join("big.raw");
+    raw_image(&disk, 96);
+    let vm = vm_with_disk(dir.path(), "cancelled", &disk, "raw", 256);
+    vm.resume().unwrap();
+    wait_counter(&vm, 0, 300);
+
+    let folder = root.join("vm");
+    let opts = MoveOptions {
+        // 96 MiB at 16 MiB/s: the bulk copy takes about 6 s.
+        bandwidth_limit: (!mirroring).then_some(16 << 20),
+        ..storage(StorageTarget::Folder(folder.clone()), false)
+    };
+    let cancel = CancelToken::new();
+    let reason = "the administrator cancelled it";
+    let watcher = (!mirroring).then(|| {
+        let cancel = cancel.clone();
+        let folder = folder.clone();
+        std::thread::spawn(move || {
+            // The active layer appears when the bulk copy starts; cancel a little later.
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while files_under(&folder).is_empty() {
+                assert!(Instant::now() < deadline, "the copy never started");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            std::thread::sleep(Duration::from_millis(800));
+            let during = files_under(&folder);
+            cancel.cancel(reason);
+            during
+        })
+    });
+    let mut at_cancel = Vec::new();
+    let control = Link::tcp(TcpStream::connect(addr).unwrap()).unwrap();
+    let r = send_vm(
+        &vm,
+        control,
+        &mut TcpDialer(addr),
+        &opts,
+        &cancel,
+        &mut |p| {
+            if mirroring && p.phase == Phase::PreCopy && p.round >= 2 && !cancel.is_cancelled() {
+                at_cancel = files_under(&folder);
+                cancel.cancel(reason);
+            }
+        },
+    );
+    if let Some(w) = watcher {
+        at_cancel = w.join().unwrap();
+    }
+    assert_eq!(at_cancel, vec![folder.join("big.raw.vmgate-partial")]);
+    match r {
+        Err(MoveError::Cancelled { reason: got }) => assert_eq!(got, reason),
+        other => panic!("expected a cancel, got {other:?}"),
+    }
+    match results.recv_timeout(Duration::from_secs(30)).unwrap() {
+        // Why is what the destination saw first: the Cancel, or the links closing after it.
+        Received::Discarded(why) => assert!(!why.is_empty()),
+        other => panic!("the destination kept something: {other:?}"),
+    }
+    // Nothing is left at the destination, not even the folder it created.
+    assert!(!folder.exists(), "{:?}", files_under(&root));
+    assert!(files_under(&root).is_empty());
+    // The VM runs here, on its own disk, and its checks pass.
+    assert!(vm.running());
+    assert_eq!(vm.config().disks[0].path, disk);
+    wait_counter(&vm, 0, 300);
+    assert_checks_pass(&vm);
+}
+
+#[test]
+fn cancel_during_the_bulk_copy_leaves_nothing_at_the_destination() {
+    cancelled_move(false);
+}
+
+#[test]
+fn cancel_during_mirroring_leaves_nothing_at_the_destination() {
+    cancelled_move(true);
+}
+
+#[test]
+fn destinations_outside_the_roots_are_refused_with_1009() {
+    let _one = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let src = canonical_dir(dir.path(), "src");
+    let root = canonical_dir(dir.path(), "root");
+    let elsewhere = canonical_dir(dir.path(), "elsewhere");
+    let (addr, _results) = destination(vec![root.clone()]);
+    let disk = src.join("d0.raw");
+    raw_image(&disk, 4);
+    let vm = vm_with_disk(dir.path(), "refused", &disk, "raw", 64);
+    vm.resume().unwrap();
+    wait_counter(&vm, 0, 100);
+    std::fs::write(root.join("d0.raw"), b"someone else's").unwrap();
+    let link = root.join("link");
+    std::os::unix::fs::symlink(&elsewhere, &link).unwrap();
+
+    for (target, why) in [
+        (elsewhere.clone(), "outside"),
+        (root.join("a/../../elsewhere"), ".."),
+        (link.clone(), "link"),
+        (root.clone(), "exists"),
+    ] {
+        let opts = storage(StorageTarget::Folder(target.clone()), false);
+        let report = compare_vm(
+            &vm,
+            Link::tcp(TcpStream::connect(addr).unwrap()).unwrap(),
+            &opts,
+        )
+        .unwrap();
+        assert_eq!(report.len(), 1, "{why}: {report:?}");
+        assert_eq!(report[0].0, incompatibility::STORAGE, "{why}: {report:?}");
+        match move_vm(&vm, addr, &opts, &CancelToken::new()) {
+            Err(MoveError::Incompatible { report }) => {
+                assert!(
+                    report.iter().all(|(id, _)| *id == 1009) && !report.is_empty(),
+                    "{why}: {report:?}"
+                );
+                eprintln!("{why}: {}", report[0].1);
+            }
+            other => panic!("{why}: expected a refusal, got {other:?}"),
+        }
+    }
+    // Nothing was written anywhere; the VM runs here.
+    assert_eq!(files_under(&elsewhere), Vec::<PathBuf>::new());
+    assert_eq!(
+        files_under(&root),
+        vec![root.join("d0.raw")],
+        "only the file that was there"
+    );
+    assert_eq!(
+        std::fs::read(root.join("d0.raw")).unwrap(),
+        b"someone else's"
+    );
+    assert!(vm.running());
+    assert!(disk.exists());
+    assert_checks_pass(&vm);
+}
+
+/// A small tmpfs, unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(at).unwrap();
+        tool(
+            "mount",
+            &["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs", s(at)],
+        );
+        Tmpfs(at.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_destination_fails_the_move_and_leaves_nothing() {
+    let _one = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let small = Tmpfs::mount(&dir.path().join("small"), "8m");
+    let root = std::fs::canonicalize(&small.0).unwrap();
+    let src = canonical_dir(dir.path(), "src");
+    let (addr, results) = destination(vec![root.clone()]);
+    // 12 MiB of data for a file system of 8 MiB.
+    let disk = src.join("d0.raw");
+    raw_image(&disk, 12);
+    let vm = vm_with_disk(dir.path(), "full", &disk, "raw", 256);
+    vm.resume().unwrap();
+    wait_counter(&vm, 0, 100);
+
+    let opts = storage(StorageTarget::Folder(root.join("vm")), false);
+    match move_vm(&vm, addr, &opts, &CancelToken::new()) {
+        Err(MoveError::Failed { cause, .. }) => {
+            assert!(
+                cause.contains("the destination's disk is full writing disk 0"),
+                "{cause}"
+            );
+        }
+        other => panic!("expected a failure, got {other:?}"),
+    }
+    match results.recv_timeout(Duration::from_secs(30)).unwrap() {
+        Received::Discarded(why) => assert!(why.contains("full"), "{why}"),
+        other => panic!("the destination kept something: {other:?}"),
+    }
+    assert!(files_under(&root).is_empty(), "{:?}", files_under(&root));
+    assert!(!root.join("vm").exists());
+    assert!(vm.running());
+    assert!(disk.exists());
+    wait_counter(&vm, 0, 300);
+    assert_checks_pass(&vm);
+}
+
+#[test]
+fn links_cut_as_the_destination_is_about_to_resume_remove_its_files() {
+    let _one = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let src = canonical_dir(dir.path(), "src");
+    let root = canonical_dir(dir.path(), "root");
+    // Every file is complete and renamed into place when the destination's links break:
+    // it must still remove them all, and the source must keep the VM, asking how it ended.
+    let (addr, results) = destination_with(DestinationOptions {
+        storage_roots: vec![root.clone()],
+        fault: Some(Box::new(|at| match at {
+            FaultPoint::BeforeResume => FaultAction::CutLinks,
+            FaultPoint::AfterResume => FaultAction::Continue,
+        })),
+        ..DestinationOptions::default()
+    });
+    let (base, mid, top) = three_layers(&src, "top.qcow2");
+    let vm = vm_with_disk(dir.path(), "cut", &top, "qcow2", 200);
+    vm.resume().unwrap();
+    wait_counter(&vm, 0, 250);
+    let folder = root.join("vms");
+    match move_vm(
+        &vm,
+        addr,
+        &storage(StorageTarget::Folder(folder.clone()), false),
+        &CancelToken::new(),
+    ) {
+        Err(e @ MoveError::Failed { .. }) => assert!(e.vm_runs_here(), "{e}"),
+        other => panic!("expected a failure, got {other:?}"),
+    }
+    match results.recv_timeout(Duration::from_secs(30)).unwrap() {
+        // The fault, the source's outcome query or its closing links, whichever came first.
+        Received::Discarded(why) => assert!(!why.is_empty()),
+        other => panic!("the destination kept something: {other:?}"),
+    }
+    assert!(!folder.exists(), "{:?}", files_under(&root));
+    assert!(files_under(&root).is_empty());
+    // The VM runs here on its untouched chain.
+    assert!(vm.running());
+    assert!(base.exists() && mid.exists() && top.exists());
+    wait_counter(&vm, 0, 250);
+    assert_checks_pass(&vm);
+}
+
+#[test]
+fn two_disks_move_to_their_own_destinations() {
+    let _one = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let src = canonical_dir(dir.path(), "src");
+    let root = canonical_dir(dir.path(), "root");
+    let (addr, results) = destination(vec![root.clone()]);
+    // Disk 0: raw, written by the guest. Disk 1: qcow2 on a raw base holding data.
+    let d0 = src.join("sys.raw");
+    raw_image(&d0, 4);
+    let (base, mid, d1) = three_layers(&src, "data.qcow2");
+    let text = format!(
+        r#"
+name = "twodisks"
+memory_mib = 32
+vcpus = 1
+[[vcpu]]
+program = "diskstress"
+disk = 0
+block_size = 4096
+blocks = 200
+marker_every = 1000
+[[disk]]
+path = "{}"
+format = "raw"
+[[disk]]
+path = "{}"
+format = "qcow2"
+"#,
+        s(&d0),
+        s(&d1)
+    );
+    let vm = Vm::create(
+        VmConfig::from_toml(&text, Some(dir.path())).unwrap(),
+        &VmOptions::default(),
+    )
+    .unwrap();
+    vm.resume().unwrap();
+    wait_counter(&vm, 0, 250);
+    let t0 = root.join("system/sys.raw");
+    let t1 = root.join("data/d1.qcow2");
+    let opts = storage(
+        StorageTarget::PerDisk(vec![(d1.clone(), t1.clone()), (d0.clone(), t0.clone())]),
+        false,
+    );
+    let stats = move_vm(&vm, addr, &opts, &CancelToken::new())
+        .unwrap_or_else(|e| panic!("move failed: {e}"));
+    drop(vm);
+    let dvm = received_vm(&results);
+    let paths: Vec<PathBuf> = dvm.config().disks.iter().map(|d| d.path.clone()).collect();
+    assert_eq!(paths, vec![t0.clone(), t1.clone()]);
+    wait_counter(&dvm, 0, 250);
+    assert_checks_pass(&dvm);
+    assert_eq!(stats.source_files_deleted, vec![d0.clone(), d1.clone()]);
+    assert_eq!(stats.source_parents, vec![base, mid]);
+    dvm.pause().unwrap();
+    dvm.flush_disks().unwrap();
+    drop(dvm);
+    // Disk 1's chain sits in its own folder, renamed, with its parents next to it.
+    tool("qemu-img", &["check", "-q", s(&t1)]);
+    let out = tool(
+        "qemu-io",
+        &[
+            "-r",
+            "-f",
+            "qcow2",
+            "-c",
+            "read -P 0x11 8M 64k",
+            "-c",
+            "read -P 0x22 12M 64k",
+            s(&t1),
+        ],
+    );
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    let mut files = files_under(&root);
+    files.sort();
+    assert_eq!(
+        files,
+        vec![
+            root.join("data/base.raw"),
+            root.join("data/d1.qcow2"),
+            root.join("data/mid.qcow2"),
+            root.join("system/sys.raw"),
+        ]
+    );
+}
