@@ -15,11 +15,10 @@
 //! Exit codes: 0 success (or a clean stop), 1 the daemon could not start (permissions, socket,
 //! event log), 2 a bad configuration (`--check` included) or bad usage.
 
-use std::collections::HashMap;
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
@@ -83,8 +82,7 @@ fn start_gateway(
     service: &Service,
     settings: vmgate_auth::channel::ServerSettings,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let peers: Arc<Mutex<HashMap<String, String>>> = Arc::default();
-    let dest = Arc::new(Destination::new(service.destination_options(peers)));
+    let dest = Arc::new(Destination::new(service.destination_options()));
     for addr in &config.listen {
         let listener =
             TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
@@ -209,7 +207,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_START);
         }
     };
-    let spns = daemon.host_info().spns;
+    let spns = daemon.spn_states();
     let service = match Service::new(
         daemon.config.clone(),
         daemon.events.clone(),

@@ -12,7 +12,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use vm_common::{qcow2_on, require_kvm, s, tool};
+use vm_common::{assert_moved_chain, qcow2_on, require_kvm, s, tool};
 use vmgate_migrate::disk::{Disk, DiskFormat, DiskSpec};
 use vmgate_migrate::storage::local::{
     LocalMoveError, LocalMoveOptions, MovePhase, MoveProgress, move_storage,
@@ -390,33 +390,7 @@ fn three_layer_chain_moves_and_a_second_vm_reuses_the_parents() {
 
     for top in ["top1.qcow2", "top2.qcow2"] {
         let t = folder.join(top);
-        tool("qemu-img", &["check", "-q", s(&t)]);
-        let info = tool(
-            "qemu-img",
-            &["info", "--backing-chain", "--output=json", s(&t)],
-        );
-        let chain: serde_json::Value = serde_json::from_str(&info).unwrap();
-        let files: Vec<&str> = chain
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|l| l["filename"].as_str().unwrap())
-            .collect();
-        assert_eq!(
-            files,
-            [
-                s(&t),
-                s(&folder.join("mid.qcow2")),
-                s(&folder.join("base.raw"))
-            ],
-            "{info}"
-        );
-        // The absolute reference was rewritten, the relative one kept.
-        assert_eq!(
-            chain[0]["full-backing-filename"].as_str(),
-            Some(s(&folder.join("mid.qcow2")))
-        );
-        assert_eq!(chain[1]["backing-filename"].as_str(), Some("base.raw"));
+        assert_moved_chain(&folder, &t);
         // The lower layers' data reads through the new chain.
         assert_eq!(read_at(&t, 8 << 20), 0x11);
         assert_eq!(read_at(&t, 12 << 20), 0x22);

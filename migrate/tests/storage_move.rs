@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use vm_common::{qcow2_on, require_kvm, s, tool};
+use vm_common::{assert_moved_chain, qcow2_on, require_kvm, s, tool};
 use vmgate_migrate::engine::{
     CancelToken, Destination, DestinationOptions, Dialer, FaultAction, FaultPoint, Link, MoveError,
     MoveOptions, MoveStats, Phase, Received, StorageOptions, StorageTarget, compare_vm,
@@ -326,33 +326,7 @@ fn qcow2_chain_moves_and_a_second_vm_reuses_the_parents() {
 
     for top in ["top1.qcow2", "top2.qcow2"] {
         let t = folder.join(top);
-        tool("qemu-img", &["check", "-q", s(&t)]);
-        let info = tool(
-            "qemu-img",
-            &["info", "--backing-chain", "--output=json", s(&t)],
-        );
-        let chain: serde_json::Value = serde_json::from_str(&info).unwrap();
-        let files: Vec<&str> = chain
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|l| l["filename"].as_str().unwrap())
-            .collect();
-        assert_eq!(
-            files,
-            [
-                s(&t),
-                s(&folder.join("mid.qcow2")),
-                s(&folder.join("base.raw"))
-            ],
-            "{info}"
-        );
-        // The absolute reference was rewritten, the relative one kept.
-        assert_eq!(
-            chain[0]["full-backing-filename"].as_str(),
-            Some(s(&folder.join("mid.qcow2")))
-        );
-        assert_eq!(chain[1]["backing-filename"].as_str(), Some("base.raw"));
+        assert_moved_chain(&folder, &t);
         // The lower layers' data reads through the new chain.
         let out = tool(
             "qemu-io",

@@ -18,7 +18,7 @@ use std::path::Path;
 
 use config::Config;
 use events::EventLog;
-use local::{HostInfo, LocalServer, VersionInfo};
+use local::{LocalServer, SpnState};
 use spn_check::SpnReport;
 
 /// Errors that stop the daemon from starting.
@@ -70,19 +70,11 @@ impl Daemon {
         })
     }
 
-    /// What `host_show` answers.
-    pub fn host_info(&self) -> HostInfo {
-        HostInfo {
-            migration_addresses: crate::host::service::offered_addresses(&self.config)
-                .iter()
-                .map(ToString::to_string)
-                .collect(),
-            version: VersionInfo::current(),
-            config: self.config.clone(),
-            spns: match &self.spns {
-                Some(report) => report.states(),
-                None => spn_check::unknown_states(&self.config),
-            },
+    /// The migration SPNs as the self-check found them (`unknown` when it could not run).
+    pub fn spn_states(&self) -> Vec<SpnState> {
+        match &self.spns {
+            Some(report) => report.states(),
+            None => spn_check::unknown_states(&self.config),
         }
     }
 }

@@ -291,19 +291,16 @@ impl Service {
                 let host = self.host.clone().ok_or_else(|| {
                     Response::error(ErrorCode::Failed, "this host has no keytab credential")
                 })?;
-                match self.migration().auth {
-                    AuthType::Kerberos => Ok(MoveCredential::ActFor {
-                        acting: &r.acting,
-                        host,
-                        auth: vmgate_auth::delegation::AuthType::Kerberos,
-                    }),
-                    AuthType::Credssp => Ok(MoveCredential::ActFor {
-                        acting: &r.acting,
-                        host,
-                        auth: vmgate_auth::delegation::AuthType::Credssp,
-                    }),
-                    AuthType::Host => Ok(MoveCredential::Host { host }),
-                }
+                let auth = match self.migration().auth {
+                    AuthType::Host => return Ok(MoveCredential::Host { host }),
+                    AuthType::Kerberos => vmgate_auth::delegation::AuthType::Kerberos,
+                    AuthType::Credssp => vmgate_auth::delegation::AuthType::Credssp,
+                };
+                Ok(MoveCredential::ActFor {
+                    acting: &r.acting,
+                    host,
+                    auth,
+                })
             }
         }
     }
@@ -474,15 +471,12 @@ impl Service {
     }
 
     /// The destination's options: its checks of an arriving VM and its lifecycle events.
-    pub fn destination_options(
-        &self,
-        peers: Arc<Mutex<HashMap<String, String>>>,
-    ) -> DestinationOptions {
+    pub fn destination_options(&self) -> DestinationOptions {
         let me = self.clone();
         let check = self.clone();
         DestinationOptions {
             host_check: Some(Box::new(move |vm: &VmConfig| check.arrival_check(vm))),
-            on_event: Box::new(move |e| me.received_event(&peers, e)),
+            on_event: Box::new(move |e| me.received_event(e)),
             vm_options: {
                 let vms = self.vms.clone();
                 Box::new(move |c: &VmConfig| vms.options_for(&c.name))
@@ -519,7 +513,7 @@ impl Service {
                 .into(),
             });
         }
-        if self.vms.get(&vm.name).is_some() || self.vms.show(&vm.name).is_ok() {
+        if self.vms.contains(&vm.name) {
             report.push(EngineIncompatibility {
                 id: incompatibility::CONFIG,
                 message: format!("a VM named \"{}\" already exists on {host}", vm.name).into(),
@@ -529,8 +523,9 @@ impl Service {
         report
     }
 
-    fn received_event(&self, peers: &Mutex<HashMap<String, String>>, e: ReceivedEvent) {
-        let mut peers = peers.lock().unwrap_or_else(PoisonError::into_inner);
+    /// The destination's lifecycle: each incoming move is a job (who and from where, recorded
+    /// at its start), with its events.
+    fn received_event(&self, e: ReceivedEvent) {
         let mut incoming = self.incoming.lock().unwrap_or_else(PoisonError::into_inner);
         match e {
             ReceivedEvent::Started { session, peer } => {
@@ -539,7 +534,6 @@ impl Service {
                     .jobs
                     .submit(JobKind::Live, Direction::Incoming, "", source, user);
                 incoming.insert(session.to_string(), job);
-                peers.insert(session.to_string(), peer);
             }
             ReceivedEvent::Checked {
                 session,
@@ -547,21 +541,23 @@ impl Service {
                 refused,
             } => {
                 let key = session.to_string();
-                let peer = peers.get(&key).cloned().unwrap_or_default();
-                let (user, source) = peer.split_once(" from ").unwrap_or(("", &peer));
-                let job_id = incoming.get(&key).map(|j| {
-                    j.set_vm(&vm);
-                    j.id().to_owned()
-                });
-                let job_id = job_id.unwrap_or(key.clone());
+                let (job_id, user, source) = match incoming.get(&key) {
+                    Some(j) => {
+                        j.set_vm(&vm);
+                        let info = self.jobs.get(j.id());
+                        let (user, source) = info.map(|i| (i.user, i.peer)).unwrap_or_default();
+                        (j.id().to_owned(), user, source)
+                    }
+                    None => (key.clone(), String::new(), String::new()),
+                };
                 if refused.is_empty() {
                     self.events.emit(Event::MigrationStarted {
                         job: job_id,
                         vm,
                         kind: MoveKind::Live,
-                        source: source.to_owned(),
+                        source,
                         destination: self.config.host_name.clone(),
-                        user: user.to_owned(),
+                        user,
                     });
                 } else {
                     let cause = refused.join("; ");
@@ -573,36 +569,24 @@ impl Service {
             }
             ReceivedEvent::Resumed { session, vm } => {
                 let key = session.to_string();
-                peers.remove(&key);
-                let job_id = incoming
-                    .get(&key)
-                    .map(|j| j.id().to_owned())
-                    .unwrap_or(key.clone());
+                let job = incoming.remove(&key);
                 self.events.emit(Event::MigrationPhase {
-                    job: job_id,
+                    job: job.as_ref().map_or(key, |j| j.id().to_owned()),
                     vm: vm.clone(),
                     phase: MovePhase::Handoff,
                 });
-                if let Some(j) = incoming.remove(&key) {
+                if let Some(j) = job {
                     j.finish(JobState::Completed, format!("{vm} runs here"));
                 }
             }
             ReceivedEvent::Discarded { session, reason } => {
                 let key = session.to_string();
-                peers.remove(&key);
-                match incoming.remove(&key) {
-                    Some(j) => {
-                        self.events.emit(generic_failure(
-                            j.id().to_owned(),
-                            String::new(),
-                            reason.clone(),
-                        ));
-                        j.finish(JobState::Failed, reason);
-                    }
-                    None => {
-                        self.events
-                            .emit(generic_failure(key, String::new(), reason));
-                    }
+                let job = incoming.remove(&key);
+                let job_id = job.as_ref().map_or(key, |j| j.id().to_owned());
+                self.events
+                    .emit(generic_failure(job_id, String::new(), reason.clone()));
+                if let Some(j) = job {
+                    j.finish(JobState::Failed, reason);
                 }
             }
         }

@@ -122,6 +122,11 @@ impl Vms {
             .and_then(|h| h.vm.clone())
     }
 
+    /// Whether a VM of that name is defined here (running or off).
+    pub fn contains(&self, name: &str) -> bool {
+        self.lock().iter().any(|h| h.config.name == name)
+    }
+
     /// Marks the VM as moving (refused when it is off, already moving, or unknown) and
     /// returns it.
     pub fn begin_move(&self, name: &str) -> Result<Arc<Vm>, VmOpError> {
@@ -192,7 +197,7 @@ impl Vms {
         let config = VmConfig::from_toml(config_toml, None)
             .map_err(|e| VmOpError::Refused(format!("the VM configuration is invalid: {e}")))?;
         let name = config.name.clone();
-        if self.lock().iter().any(|h| h.config.name == name) {
+        if self.contains(&name) {
             return Err(VmOpError::Refused(format!(
                 "a VM named \"{name}\" already exists on this host"
             )));
@@ -287,7 +292,7 @@ impl Vms {
     /// The console output of `name` from `offset`.
     pub fn console(&self, name: &str, offset: u64) -> Result<(String, u64), VmOpError> {
         use std::io::{Read, Seek, SeekFrom};
-        if !self.lock().iter().any(|h| h.config.name == name) {
+        if !self.contains(name) {
             return Err(not_found(name));
         }
         let path = self.console_path(name);

@@ -573,20 +573,12 @@ pub fn run_host(conn: &Connection, cmd: HostCommand) -> ExitCode {
     finish(conn, call(conn, &request), host_text)
 }
 
-fn spec_for(
-    conn: &Connection,
-    sess: &Session,
-    vm: &str,
-    to: &str,
-    switch_map: &[String],
-) -> Result<MoveSpec, Failure> {
-    spec_with_storage(conn, sess, vm, to, switch_map, None)
-}
-
 /// What a shared-nothing move asks for: a folder, or `SRC=DST` per disk, and keep-source.
 type StorageAsk<'a> = (Option<&'a std::path::Path>, &'a [String], bool);
 
-fn spec_with_storage(
+/// The `move`/`compare` request: the destination's offered addresses and name, the caller's
+/// ticket on a local session, and what to do with the storage.
+fn move_spec(
     conn: &Connection,
     sess: &Session,
     vm: &str,
@@ -640,7 +632,7 @@ fn spec_with_storage(
 pub fn run_compare(conn: &Connection, a: &CompareArgs) -> ExitCode {
     let r = (|| {
         let (_, mut sess) = session(conn, a.from.as_deref(), false)?;
-        let spec = spec_for(conn, &sess, &a.vm, &a.to, &a.switch_map)?;
+        let spec = move_spec(conn, &sess, &a.vm, &a.to, &a.switch_map, None)?;
         let v = answer(sess.call(&Request::Compare(spec))?)?;
         let report = v["report"].as_array().cloned().unwrap_or_default();
         if report.is_empty() {
@@ -690,7 +682,7 @@ pub fn run_move(conn: &Connection, a: &MoveArgs) -> ExitCode {
     ));
     let r = (|| {
         let (_, mut sess) = session(conn, a.from.as_deref(), a.forward_credentials)?;
-        let spec = spec_with_storage(conn, &sess, &a.vm, &a.to, &a.switch_map, storage)?;
+        let spec = move_spec(conn, &sess, &a.vm, &a.to, &a.switch_map, storage)?;
         let mut bar = Bar::new(conn.json);
         let resp = sess.call_with(&Request::Move(spec), |p| {
             if let Response::Progress { progress } = p {

@@ -178,6 +178,19 @@ pub struct LiveRequest {
     pub ccache_dir: PathBuf,
 }
 
+/// A fresh private folder name for a live check's credential caches (`<tmp>/<tool>-<pid>-<ns>`):
+/// for [`LiveRequest::ccache_dir`].
+pub fn scratch_ccache_dir(tool: &str) -> PathBuf {
+    std::env::temp_dir().join(format!(
+        "{tool}-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default()
+    ))
+}
+
 /// The KDC's answer for one SPN, next to the prediction.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct LiveOutcome {

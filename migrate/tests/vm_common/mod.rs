@@ -121,3 +121,35 @@ pub fn qcow2_on(path: &Path, backing: &str, backing_format: &str) {
         ],
     );
 }
+
+/// A chain `top` → mid.qcow2 → base.raw that a storage move rebuilt in `folder`: `qemu-img
+/// check` passes, `--backing-chain` names the three files there, the absolute reference to
+/// mid.qcow2 was rewritten and the relative one to base.raw kept.
+pub fn assert_moved_chain(folder: &Path, t: &Path) {
+    tool("qemu-img", &["check", "-q", s(t)]);
+    let info = tool(
+        "qemu-img",
+        &["info", "--backing-chain", "--output=json", s(t)],
+    );
+    let chain: serde_json::Value = serde_json::from_str(&info).unwrap();
+    let files: Vec<&str> = chain
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["filename"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        files,
+        [
+            s(t),
+            s(&folder.join("mid.qcow2")),
+            s(&folder.join("base.raw"))
+        ],
+        "{info}"
+    );
+    assert_eq!(
+        chain[0]["full-backing-filename"].as_str(),
+        Some(s(&folder.join("mid.qcow2")))
+    );
+    assert_eq!(chain[1]["backing-filename"].as_str(), Some("base.raw"));
+}

@@ -401,14 +401,7 @@ fn run_live(
         .iter()
         .map(|s| Spn::parse(s))
         .collect::<Result<Vec<_>, _>>()?;
-    let ccache_dir = std::env::temp_dir().join(format!(
-        "vmgate-delegation-check-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or_default()
-    ));
+    let ccache_dir = vmgate_auth::delegation::live::scratch_ccache_dir("vmgate-delegation-check");
     let request = LiveRequest {
         realm: dir.realm(),
         keytab,

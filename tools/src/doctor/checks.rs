@@ -816,14 +816,7 @@ fn delegation(ctx: &mut Context) -> CheckResult {
         .iter()
         .filter_map(|s| Spn::parse(s).ok())
         .collect();
-    let ccache_dir = std::env::temp_dir().join(format!(
-        "vmgate-doctor-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or_default()
-    ));
+    let ccache_dir = vmgate_auth::delegation::live::scratch_ccache_dir("vmgate-doctor");
     let request = LiveRequest {
         realm,
         keytab,
