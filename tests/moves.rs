@@ -792,3 +792,70 @@ format = "raw"
     );
     assert!(!disk.exists(), "the source's file is still there");
 }
+
+#[test]
+fn a_vm_on_shared_storage_moves_with_only_its_memory() {
+    let _s = serial();
+    let lab = Lab::start(&["hv1", "hv2"], &|_| String::new());
+    chan::set_delegation("hv1", &[]);
+    // A folder both hosts see at the same path (on this machine, any folder).
+    let shared = lab.host("hv1").dir.parent().unwrap().join("shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    let disk = shared.join("ss.raw");
+    std::fs::write(&disk, vec![0x5Au8; 8 << 20]).unwrap();
+    lab.create_vm(
+        "hv1",
+        &format!(
+            r#"name = "ss"
+memory_mib = 64
+vcpus = 2
+[[vcpu]]
+program = "diskstress"
+disk = 0
+block_size = 4096
+blocks = 256
+[[vcpu]]
+program = "memstress"
+start_mib = 8
+size_mib = 16
+[[disk]]
+path = "{}"
+format = "raw"
+"#,
+            disk.display()
+        ),
+    );
+    let writer_refused = || {
+        let out = std::process::Command::new("qemu-io")
+            .args(["-f", "raw", "-c", "flush", disk.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            out.status.success() || err.contains("\"write\" lock"),
+            "{err}"
+        );
+        !out.status.success()
+    };
+    assert!(writer_refused(), "hv1's VM holds its image");
+
+    let (code, v) = lab.run_json("alice", &["--host", "hv1", "move", "ss", "--to", "hv2"]);
+    assert_eq!(code, 0, "{v:#}");
+    // Only memory crossed; the image was handed over in place.
+    assert_eq!(v["stats"]["disk_bytes_sent"], 0, "{v:#}");
+    assert_eq!(
+        v["stats"]["shared_disks"][0],
+        disk.display().to_string(),
+        "{v:#}"
+    );
+    assert!(
+        v["stats"]["bytes_on_wire"].as_u64().unwrap() < 64 << 20,
+        "{v:#}"
+    );
+    runs_and_checks(&lab, "hv2", "ss");
+    let (_, shown) = lab.run_json("alice", &["--host", "hv2", "vm", "show", "ss"]);
+    assert_eq!(shown["disks"][0], disk.display().to_string(), "{shown:#}");
+    assert!(disk.exists());
+    // hv2's VM holds the image now: a second writer is still refused.
+    assert!(writer_refused(), "hv2's VM holds the image");
+}

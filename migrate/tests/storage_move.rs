@@ -5,6 +5,11 @@
 //! destination) and a second VM on the same base reuses the parents (fewer bytes), a cancel
 //! during the bulk copy leaves nothing at the destination and the VM running here with its
 //! disk intact, and a destination outside the storage roots is refused with id 1009.
+//!
+//! Shared storage (a move without its storage): only memory crosses, the image's lock passes
+//! from the source to the destination at the switchover (a second writer is refused before,
+//! during and after), a handoff that fails gives the images back to the source, and a
+//! destination that does not see the same files refuses with id 1010.
 
 mod vm_common;
 
@@ -14,6 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use vm_common::{assert_moved_chain, qcow2_on, require_kvm, s, tool};
+use vmgate_migrate::disk::{Disk, DiskError, DiskFormat, DiskSpec};
 use vmgate_migrate::engine::{
     CancelToken, Destination, DestinationOptions, Dialer, FaultAction, FaultPoint, Link, MoveError,
     MoveOptions, MoveStats, Phase, Received, StorageOptions, StorageTarget, compare_vm,
@@ -677,4 +683,234 @@ format = "qcow2"
             root.join("system/sys.raw"),
         ]
     );
+}
+
+/// A move without its storage: the destination opens the same files.
+fn shared(channels: u16) -> MoveOptions {
+    MoveOptions {
+        channels,
+        ..MoveOptions::default()
+    }
+}
+
+/// Whether another writer (a vmgate open, and QEMU's: `qemu-io` opening the image for
+/// writing) is refused on `path`, and that the refusal names the lock.
+fn second_writer_refused(path: &Path, format: DiskFormat) -> bool {
+    let spec = DiskSpec {
+        path: path.to_path_buf(),
+        format,
+    };
+    let ours = match Disk::open(&spec, true) {
+        Err(DiskError::InUse { holder, .. }) => {
+            assert!(holder.contains("open for writing"), "{holder}");
+            true
+        }
+        Err(e) => panic!("unexpected error opening {}: {e}", path.display()),
+        Ok(_) => false,
+    };
+    let fmt = match format {
+        DiskFormat::Raw => "raw",
+        DiskFormat::Qcow2 => "qcow2",
+    };
+    let out = std::process::Command::new("qemu-io")
+        .args(["-f", fmt, "-c", "flush", s(path)])
+        .output()
+        .unwrap();
+    let qemu = !out.status.success();
+    if qemu {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("\"write\" lock"), "{err}");
+    }
+    assert_eq!(
+        ours,
+        qemu,
+        "vmgate and qemu-img disagree about {}",
+        path.display()
+    );
+    ours
+}
+
+/// A qcow2 image of 96 MiB of data (on a raw base) in `dir`: more than the VM's memory, so
+/// bytes on the wire show whether the disk crossed.
+fn shared_chain(dir: &Path) -> (PathBuf, PathBuf) {
+    let base = dir.join("base.raw");
+    raw_image(&base, 96);
+    let top = dir.join("top.qcow2");
+    qcow2_on(&top, s(&base), "raw");
+    (base, top)
+}
+
+#[test]
+fn shared_storage_moves_only_memory_and_hands_the_lock_over() {
+    let _one = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let shared_dir = canonical_dir(dir.path(), "shared");
+    let (addr, results) = destination(Vec::new());
+    let (base, top) = shared_chain(&shared_dir);
+    let vm = vm_with_disk(dir.path(), "sh1", &top, "qcow2", 200);
+    vm.resume().unwrap();
+    wait_counter(&vm, 0, 250);
+    assert!(
+        second_writer_refused(&top, DiskFormat::Qcow2),
+        "the source VM holds the image"
+    );
+
+    let stats = move_vm(&vm, addr, &shared(2), &CancelToken::new()).unwrap();
+    let moved = received_vm(&results);
+    assert_eq!(stats.disk_bytes_sent, 0);
+    assert_eq!(stats.shared_disks, vec![top.clone()]);
+    // 64 MiB of memory of which memstress touches 16: far less than the disk's 96 MiB.
+    let disk_bytes = std::fs::metadata(&base).unwrap().len();
+    assert!(
+        stats.bytes_on_wire < 64 << 20 && stats.bytes_on_wire < disk_bytes / 2,
+        "{} bytes on the wire",
+        stats.bytes_on_wire
+    );
+    // The destination runs the VM on the very same file and keeps writing it.
+    assert_eq!(moved.disk_specs()[0].path, top);
+    wait_counter(&moved, 0, 250);
+    assert_checks_pass(&moved);
+    // The source no longer writes it, the destination does: a second writer is still refused,
+    // also once the source VM is gone.
+    assert!(second_writer_refused(&top, DiskFormat::Qcow2));
+    drop(vm);
+    assert!(second_writer_refused(&top, DiskFormat::Qcow2));
+    // Once the destination's VM is gone the image is free and consistent.
+    moved.pause().unwrap();
+    drop(moved);
+    assert!(!second_writer_refused(&top, DiskFormat::Qcow2));
+    let check = tool("qemu-img", &["check", s(&top)]);
+    assert!(check.contains("No errors were found"), "{check}");
+}
+
+#[test]
+fn a_failed_shared_storage_handoff_gives_the_images_back_to_the_source() {
+    let _one = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let shared_dir = canonical_dir(dir.path(), "shared");
+    // The destination has opened the images and built the VM when its links break.
+    let (addr, results) = destination_with(DestinationOptions {
+        fault: Some(Box::new(|at| match at {
+            FaultPoint::BeforeResume => FaultAction::CutLinks,
+            FaultPoint::AfterResume => FaultAction::Continue,
+        })),
+        ..DestinationOptions::default()
+    });
+    let (_base, top) = shared_chain(&shared_dir);
+    let vm = vm_with_disk(dir.path(), "sh2", &top, "qcow2", 200);
+    vm.resume().unwrap();
+    wait_counter(&vm, 0, 250);
+    match move_vm(&vm, addr, &shared(1), &CancelToken::new()) {
+        Err(e @ MoveError::Failed { .. }) => assert!(e.vm_runs_here(), "{e}"),
+        other => panic!("expected a failure, got {other:?}"),
+    }
+    match results.recv_timeout(Duration::from_secs(30)).unwrap() {
+        Received::Discarded(why) => assert!(!why.is_empty()),
+        other => panic!("the destination kept something: {other:?}"),
+    }
+    // The source took the image back: it runs, writes, and holds the lock again.
+    assert!(vm.running());
+    wait_counter(&vm, 0, 250);
+    assert_checks_pass(&vm);
+    assert!(second_writer_refused(&top, DiskFormat::Qcow2));
+}
+
+#[test]
+fn a_destination_that_does_not_share_the_storage_refuses_with_1010() {
+    let _one = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let shared_dir = canonical_dir(dir.path(), "shared");
+    let disk = shared_dir.join("d0.raw");
+    raw_image(&disk, 8);
+    let vm = vm_with_disk(dir.path(), "sh3", &disk, "raw", 200);
+    vm.resume().unwrap();
+    wait_counter(&vm, 0, 250);
+    // Two destinations that see other files at that path: nothing there, and a copy.
+    let copy = std::fs::read(&disk).unwrap();
+    for (why, contents, expect) in [
+        ("missing", None, "does not see the VM's image"),
+        (
+            "a copy",
+            Some(copy),
+            "is not the image the VM has open at the source",
+        ),
+    ] {
+        let addr = destination_with_own_mounts(&shared_dir, contents.map(|c| (disk.clone(), c)));
+        let report = compare_vm(
+            &vm,
+            Link::tcp(TcpStream::connect(addr).unwrap()).unwrap(),
+            &shared(1),
+        )
+        .unwrap();
+        assert_eq!(report.len(), 1, "{why}: {report:?}");
+        assert_eq!(report[0].0, incompatibility::SHARED_STORAGE, "{why}");
+        assert!(report[0].1.contains(expect), "{why}: {}", report[0].1);
+        assert!(
+            report[0].1.contains("--include-storage"),
+            "{why}: {}",
+            report[0].1
+        );
+        match move_vm(&vm, addr, &shared(1), &CancelToken::new()) {
+            Err(MoveError::Incompatible { report }) => {
+                assert_eq!(report.len(), 1, "{why}: {report:?}");
+                assert_eq!(report[0].0, 1010, "{why}: {report:?}");
+            }
+            other => panic!("{why}: expected a refusal, got {other:?}"),
+        }
+    }
+    // The VM runs here on its disk, which it still holds.
+    assert!(vm.running());
+    wait_counter(&vm, 0, 250);
+    assert_checks_pass(&vm);
+    assert!(second_writer_refused(&disk, DiskFormat::Raw));
+}
+
+/// A destination in a mount namespace of its own where `over` is an empty tmpfs (holding
+/// only `file`, if given): a host that does not share the source's storage.
+fn destination_with_own_mounts(over: &Path, file: Option<(PathBuf, Vec<u8>)>) -> SocketAddr {
+    let over = over.to_path_buf();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        // SAFETY: unshare and mount take no Rust-managed memory; the strings are valid
+        // NUL-terminated C strings that outlive the calls. The new mount namespace belongs
+        // to this thread and the threads it spawns (CLONE_NEWNS implies CLONE_FS, which a
+        // thread may unshare on its own).
+        unsafe {
+            assert_eq!(libc::unshare(libc::CLONE_NEWNS), 0, "unshare the mounts");
+            let root = c"/";
+            let none = c"none";
+            assert_eq!(
+                libc::mount(
+                    none.as_ptr(),
+                    root.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null()
+                ),
+                0,
+                "make the mounts private"
+            );
+            let target = std::ffi::CString::new(s(&over)).unwrap();
+            let tmpfs = c"tmpfs";
+            assert_eq!(
+                libc::mount(
+                    tmpfs.as_ptr(),
+                    target.as_ptr(),
+                    tmpfs.as_ptr(),
+                    0,
+                    std::ptr::null()
+                ),
+                0,
+                "mount a tmpfs over the shared folder"
+            );
+        }
+        if let Some((path, contents)) = file {
+            std::fs::write(path, contents).unwrap();
+        }
+        let (addr, results) = destination(Vec::new());
+        tx.send(addr).unwrap();
+        // Keep the namespace's threads alive while the test runs.
+        while results.recv().is_ok() {}
+    });
+    rx.recv_timeout(Duration::from_secs(10)).unwrap()
 }

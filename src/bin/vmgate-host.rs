@@ -544,7 +544,7 @@ fn send(cmd: Cmd) -> ExitCode {
         }
         Err(e) => {
             let code = match &e {
-                MoveError::InDoubt { .. } => 3,
+                MoveError::InDoubt { .. } | MoveError::DisksHeld { .. } => 3,
                 _ => 1,
             };
             emit(json!({
@@ -566,6 +566,7 @@ fn error_kind(e: &MoveError) -> &'static str {
         MoveError::NotConverging { .. } => "not-converging",
         MoveError::Failed { .. } => "failed",
         MoveError::InDoubt { .. } => "in-doubt",
+        MoveError::DisksHeld { .. } => "disks-held",
     }
 }
 

@@ -153,6 +153,45 @@ pub fn lock(file: &File, path: &Path, mode: LockMode) -> Result<(), DiskError> {
     Ok(())
 }
 
+/// Gives up every lock `file` holds on the image (QEMU's bytes 100..300), keeping the file
+/// open: the shared-storage handoff's "inactivate", after which another host's open for
+/// writing succeeds. OFD locks belong to the open file description, so this also releases them
+/// for every duplicate of `file` (a `try_clone`, a forked child's copy).
+pub fn unlock(file: &File, path: &Path) -> Result<(), DiskError> {
+    let mut req = flock_at(lock_type(libc::F_UNLCK), PERM_BASE);
+    req.l_len = 2 * (SHARED_BASE - PERM_BASE);
+    fcntl(file, FcntlArg::F_OFD_SETLK(&req)).map_err(|e| DiskError::Lock {
+        path: path.to_path_buf(),
+        source: io::Error::from(e),
+    })?;
+    Ok(())
+}
+
+/// What an open file elsewhere holds on the image at `path`, as a lock on QEMU's bytes shows
+/// it: `Some(Writer)` when it has the image open for writing, `Some(Reader)` when it only
+/// reads it, `None` when nobody has it open (with locks). Does not lock anything itself.
+pub fn holder(path: &Path) -> Result<Option<LockMode>, DiskError> {
+    let file = File::open(path).map_err(|source| DiskError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let held = |byte| -> Result<bool, DiskError> {
+        let mut probe = flock_at(lock_type(libc::F_WRLCK), byte);
+        fcntl(&file, FcntlArg::F_OFD_GETLK(&mut probe)).map_err(|e| DiskError::Lock {
+            path: path.to_path_buf(),
+            source: io::Error::from(e),
+        })?;
+        Ok(probe.l_type != lock_type(libc::F_UNLCK))
+    };
+    if held(PERM_BASE + WRITE)? {
+        Ok(Some(LockMode::Writer))
+    } else if held(PERM_BASE + CONSISTENT_READ)? {
+        Ok(Some(LockMode::Reader))
+    } else {
+        Ok(None)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -222,5 +261,39 @@ mod tests {
         drop((w2, r, w1));
         let w3 = open();
         lock(&w3, &path, LockMode::Writer).unwrap();
+    }
+
+    #[test]
+    fn unlock_hands_the_image_over_and_holder_sees_who_has_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        std::fs::write(&path, [0u8; 512]).unwrap();
+        let open = || {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .unwrap()
+        };
+        assert_eq!(holder(&path).unwrap(), None);
+        let source = open();
+        lock(&source, &path, LockMode::Writer).unwrap();
+        assert_eq!(holder(&path).unwrap(), Some(LockMode::Writer));
+        let dest = open();
+        assert!(lock(&dest, &path, LockMode::Writer).is_err());
+        drop(dest);
+        // Unlocking through a duplicate releases the original's locks too (same OFD).
+        let dup = source.try_clone().unwrap();
+        unlock(&dup, &path).unwrap();
+        assert_eq!(holder(&path).unwrap(), None);
+        let dest = open();
+        lock(&dest, &path, LockMode::Writer).unwrap();
+        // The source, still open, cannot take the image back while the destination has it.
+        assert!(lock(&source, &path, LockMode::Writer).is_err());
+        // A refused lock keeps the bytes it took until unlocked or closed.
+        drop((source, dup, dest));
+        let reader = open();
+        lock(&reader, &path, LockMode::Reader).unwrap();
+        assert_eq!(holder(&path).unwrap(), Some(LockMode::Reader));
     }
 }

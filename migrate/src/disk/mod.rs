@@ -26,6 +26,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use imago::qcow2::Qcow2;
 use imago::raw::Raw;
@@ -38,6 +39,7 @@ pub use chain::{DiskChain, LayerInfo, MAX_CHAIN_LAYERS, chain};
 pub use dirty::{DIRTY_BLOCK_SIZE, DirtyBlocks};
 pub use header::HeaderError;
 pub use image::{Sha256Digest, create_qcow2, create_raw, file_checksum};
+pub use lock::{LockMode, holder as lock_holder};
 
 use dirty::DirtyBitmap;
 
@@ -225,6 +227,16 @@ pub enum DiskError {
         /// The disk.
         path: PathBuf,
     },
+    /// A write to a disk handed over to another host (shared storage): this host no longer
+    /// owns the image.
+    #[error(
+        "disk image {} was handed over to another host and cannot be written here",
+        .path.display()
+    )]
+    Released {
+        /// The disk.
+        path: PathBuf,
+    },
     /// Creating an image file failed (including: it already exists).
     #[error("cannot create disk image {}", .path.display())]
     Create {
@@ -287,6 +299,11 @@ pub struct Disk {
     backend: Backend,
     /// Blocks written since the last [`Disk::take_dirty`].
     dirty: DirtyBitmap,
+    /// A duplicate of the top layer's file (same open file description, so the same locks),
+    /// kept to give the locks up at a shared-storage handoff; `None` for a read-only disk.
+    lock_handle: Option<File>,
+    /// Handed over ([`Disk::release`]): writes are refused.
+    released: AtomicBool,
 }
 
 impl std::fmt::Debug for Disk {
@@ -315,6 +332,15 @@ impl Disk {
         let layers = walked.infos();
         let path = walked.top.info.path.clone();
         let size = walked.top.info.virtual_size;
+        let lock_handle = if writable {
+            let dup = walked.top.file.try_clone();
+            Some(dup.map_err(|source| DiskError::Lock {
+                path: path.clone(),
+                source,
+            })?)
+        } else {
+            None
+        };
 
         let backend = if walked.parents.is_empty() && spec.format == DiskFormat::Raw {
             Backend::Raw(walked.top.file)
@@ -334,7 +360,45 @@ impl Disk {
             layers,
             backend,
             dirty,
+            lock_handle,
+            released: AtomicBool::new(false),
         })
+    }
+
+    /// Hands the image over to another host that sees the same file (shared storage):
+    /// makes every completed write durable, then gives up the locks on the top layer while
+    /// keeping the file open, and refuses writes from now on. The caller guarantees that no
+    /// request is in flight (the VM is paused). To take the image back, open it again
+    /// ([`Disk::open`]), which re-reads its metadata: the other host may have changed it
+    /// meanwhile. The read-only parents keep their shared read locks, which other readers
+    /// accept.
+    pub fn release(&self) -> Result<(), DiskError> {
+        self.flush()?;
+        self.released.store(true, Ordering::SeqCst);
+        match &self.lock_handle {
+            Some(file) => lock::unlock(file, &self.path),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether [`Disk::release`] handed the image over.
+    pub fn is_released(&self) -> bool {
+        self.released.load(Ordering::SeqCst)
+    }
+
+    /// Refuses writes to a read-only or released disk.
+    fn check_writable(&self) -> Result<(), DiskError> {
+        if !self.writable {
+            return Err(DiskError::ReadOnly {
+                path: self.path.clone(),
+            });
+        }
+        if self.is_released() {
+            return Err(DiskError::Released {
+                path: self.path.clone(),
+            });
+        }
+        Ok(())
     }
 
     /// The disk's virtual size in bytes.
@@ -404,11 +468,7 @@ impl Disk {
     /// Writes `buf` at `offset` (into the top layer).
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), DiskError> {
         let len = u64::try_from(buf.len()).unwrap_or(u64::MAX);
-        if !self.writable {
-            return Err(DiskError::ReadOnly {
-                path: self.path.clone(),
-            });
-        }
+        self.check_writable()?;
         self.check_range("write", offset, len)?;
         if buf.is_empty() {
             return Ok(());
@@ -426,11 +486,7 @@ impl Disk {
 
     /// Makes `[offset, offset + len)` read as zeroes (into the top layer).
     pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), DiskError> {
-        if !self.writable {
-            return Err(DiskError::ReadOnly {
-                path: self.path.clone(),
-            });
-        }
+        self.check_writable()?;
         self.check_range("zero", offset, len)?;
         if len == 0 {
             return Ok(());

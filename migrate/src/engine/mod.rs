@@ -242,10 +242,13 @@ pub struct MoveStats {
     /// open until it is shut down, and other VMs may share them; delete them with
     /// [`crate::storage::local::release_files`] after shutting the VM down.
     pub source_parents: Vec<std::path::PathBuf>,
+    /// Shared storage (a move without its storage): the images handed over at the
+    /// switchover. The destination opened the same files; no disk data crossed.
+    pub shared_disks: Vec<std::path::PathBuf>,
 }
 
-/// Why a move ended without the VM moving. Every variant but [`MoveError::InDoubt`] means the
-/// VM runs on the source.
+/// Why a move ended without the VM moving. Every variant but [`MoveError::InDoubt`] and
+/// [`MoveError::DisksHeld`] means the VM runs on the source.
 #[derive(Debug, thiserror::Error)]
 pub enum MoveError {
     /// The destination's protocol version is older than ours.
@@ -308,6 +311,17 @@ pub enum MoveError {
         /// Why the destination could not be asked.
         cause: String,
     },
+    /// Shared storage: the move failed after the VM's disks were handed over, and another
+    /// process still has an image open for writing.
+    #[error(
+        "the move failed ({cause}) after this host had handed the VM's disks over, and they cannot be taken back ({held}). Another host may run the VM on them, so it stays PAUSED here so that two hosts never write one image: check the destination (vmgate jobs show, vmgate vm list) and stop its copy, then resume the VM here."
+    )]
+    DisksHeld {
+        /// Why the move failed.
+        cause: String,
+        /// Why the disks could not be taken back.
+        held: String,
+    },
 }
 
 fn list(report: &[(u32, String)]) -> String {
@@ -321,7 +335,10 @@ fn list(report: &[(u32, String)]) -> String {
 impl MoveError {
     /// Whether the VM runs on the source after this error.
     pub fn vm_runs_here(&self) -> bool {
-        !matches!(self, MoveError::InDoubt { .. })
+        !matches!(
+            self,
+            MoveError::InDoubt { .. } | MoveError::DisksHeld { .. }
+        )
     }
 
     fn incompatible(report: &[Incompatibility<'_>]) -> MoveError {

@@ -44,6 +44,41 @@ pub mod incompatibility {
     /// roots, with `..`, escaping through a symbolic link, or naming a file that exists (or
     /// this host has no storage roots).
     pub const STORAGE: u32 = 1009;
+    /// A move without its storage (shared storage), but this host does not see the VM's
+    /// images: a file is missing here, or the file at that path is not the one the running
+    /// VM has open at the source (no lock of it is visible), i.e. the storage is not shared.
+    pub const SHARED_STORAGE: u32 = 1010;
+}
+
+/// A move without its storage: each of the VM's images must be the very file the source's VM
+/// has open, seen here at the same path (shared storage). The source holds QEMU-style locks
+/// on its images until the switchover, so a file here that nobody has open is a different
+/// file (a local copy, or storage that is not shared).
+fn shared_storage_problems(config: &VmConfig) -> Vec<String> {
+    let fix = "move the VM with its storage (--include-storage), or make the storage shared";
+    let mut out = Vec::new();
+    for (index, d) in config.disks.iter().enumerate() {
+        let path = d.path.display();
+        match std::fs::metadata(&d.path) {
+            Err(e) => out.push(format!(
+                "disk {index} ({path}): this host does not see the VM's image ({e}); {fix}"
+            )),
+            Ok(m) if !m.is_file() => out.push(format!(
+                "disk {index} ({path}): this is not a regular file here; {fix}"
+            )),
+            Ok(_) => match crate::disk::lock_holder(&d.path) {
+                Ok(Some(_)) => {}
+                Ok(None) => out.push(format!(
+                    "disk {index} ({path}): the file this host sees is not the image the VM has open at the source (nobody holds a lock on it here), so the storage is not shared with this host; {fix}"
+                )),
+                Err(e) => out.push(format!(
+                    "disk {index} ({path}): its locks cannot be read here: {}",
+                    chain(&e)
+                )),
+            },
+        }
+    }
+    out
 }
 
 /// A host's own checks on an incoming VM (switches, storage roots, names), run with the
@@ -998,6 +1033,15 @@ impl Session {
                     message: p.into(),
                 })),
             }
+        } else {
+            report.extend(
+                shared_storage_problems(&config)
+                    .into_iter()
+                    .map(|p| Incompatibility {
+                        id: incompatibility::SHARED_STORAGE,
+                        message: p.into(),
+                    }),
+            );
         }
         if report.is_empty() {
             match PreparedVm::prepare(config.clone(), &(opts.vm_options)(&config)) {

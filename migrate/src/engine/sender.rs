@@ -43,6 +43,9 @@ enum Event {
     SendFailed(u16, String),
 }
 
+/// How long a failed shared-storage handoff waits for the destination to close the images.
+const DISK_RETURN_WAIT: Duration = Duration::from_secs(5);
+
 #[derive(Debug, Clone, Copy, Default)]
 struct RoundSent {
     round: u32,
@@ -1406,6 +1409,14 @@ impl<'vm, 'p> Run<'vm, 'p> {
         let final_round = last_round + 1;
         self.run_round(final_round, Arc::new(dirty), None, true)?;
         self.stats.rounds = final_round;
+        if self.storage.is_none() {
+            // Shared storage: the destination opens the same images as it builds the VM from
+            // the state below. Flush them and give up their locks first; until then its open
+            // for writing is refused, so two hosts never write one image.
+            vm.release_disks()
+                .map_err(|e| self.local_failure(&chain(&e)))?;
+            self.stats.shared_disks = vm.disk_specs().into_iter().map(|d| d.path).collect();
+        }
         let state = vm
             .save_state()
             .map_err(|e| self.local_failure(&chain(&e)))?;
@@ -1483,6 +1494,20 @@ impl<'vm, 'p> Run<'vm, 'p> {
                 self.close_links();
                 self.vm.set_throttle(0.0);
                 let mut e = e;
+                if self.vm.disks_released() {
+                    // The handoff had begun: take the images back before the VM may run. The
+                    // destination closes them as it discards its copy; while it (or anyone)
+                    // still writes one, the VM must stay paused.
+                    if let Err(r) = self.vm.reacquire_disks(DISK_RETURN_WAIT) {
+                        self.set_phase(Phase::Failed);
+                        let cause = e.to_string();
+                        let cause = cause.trim_end_matches(" The VM keeps running here.");
+                        return Err(MoveError::DisksHeld {
+                            cause: cause.trim_end_matches('.').to_owned(),
+                            held: chain(&r),
+                        });
+                    }
+                }
                 if self.paused_at.is_some() {
                     if let Err(r) = self.vm.resume() {
                         e = MoveError::Failed {
