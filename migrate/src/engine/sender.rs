@@ -1392,6 +1392,12 @@ impl<'vm, 'p> Run<'vm, 'p> {
                 },
             )?;
         }
+        if self.storage.is_none() {
+            // Shared storage: the handoff flushes the images with the VM paused; flushing
+            // once while it still runs leaves that flush only the last writes.
+            vm.flush_disks()
+                .map_err(|e| self.local_failure(&chain(&e)))?;
+        }
         self.set_phase(Phase::Switchover);
         self.paused_at = Some(Instant::now());
         vm.pause().map_err(|e| self.local_failure(&chain(&e)))?;
