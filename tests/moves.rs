@@ -858,4 +858,13 @@ format = "raw"
     assert!(disk.exists());
     // hv2's VM holds the image now: a second writer is still refused.
     assert!(writer_refused(), "hv2's VM holds the image");
+    // And back, as people read it.
+    let (code, out, err) = lab.run("alice", &["--host", "hv2", "move", "ss", "--to", "hv1"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("storage: shared, 1 image(s) handed over in place (no disk data crossed)"),
+        "{out}"
+    );
+    runs_and_checks(&lab, "hv1", "ss");
+    assert!(writer_refused(), "hv1's VM holds the image again");
 }

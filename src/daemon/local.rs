@@ -240,6 +240,11 @@ pub enum Request {
     /// Checks whether a VM of this host could move to another host, without moving it
     /// (Hyper-V: `Compare-VM`).
     Compare(MoveSpec),
+    /// Moves a VM's disks to new files on this host while it runs (Hyper-V:
+    /// `Move-VMStorage`; virsh `blockcopy`). A job like a move, counted against
+    /// `max_storage_moves`; progress lines follow; the final line is `storage_moved` or an
+    /// error.
+    MoveStorage(StorageMoveSpec),
     /// Moves in progress, queued and recently ended.
     JobsList,
     /// One job.
@@ -282,6 +287,29 @@ pub struct MoveSpec {
     /// Keep the source's disk files after a shared-nothing move.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub keep_source: bool,
+}
+
+/// What a `move_storage` names: where every disk goes (one folder, or a file per disk).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageMoveSpec {
+    /// The VM.
+    pub vm: String,
+    /// Every disk (and its parents) into this folder, keeping the file names
+    /// (`-DestinationStoragePath`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_path: Option<String>,
+    /// Some disks, each to its own file: (the disk's current file, its new file) (`-VHDs`).
+    /// Disks not named stay where they are.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<(String, String)>,
+    /// Keep the old files.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub keep_source: bool,
+    /// A cap on the copy rate while the guest runs, such as `100MiB/s` (virsh blockcopy
+    /// `--bandwidth`); the last blocks, with the VM paused, are never held back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<String>,
 }
 
 /// Migration settings a `host_set` changes (absent: unchanged).
@@ -333,6 +361,7 @@ impl Request {
             Request::VmConsole { .. } => "vm_console",
             Request::Move(_) => "move",
             Request::Compare(_) => "compare",
+            Request::MoveStorage(_) => "move_storage",
             Request::JobsList => "jobs_list",
             Request::JobShow { .. } => "job_show",
             Request::JobCancel { .. } => "job_cancel",
@@ -487,7 +516,7 @@ pub struct VmCheckReport {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Incompatibility {
     /// Its stable id (1001 configuration, 1002 memory, 1003 processor, 1004 build, 1005
-    /// switch, 1006 migration disabled, 1007 busy, 1008 network).
+    /// switch, 1006 migration disabled, 1007 busy, 1008 network, 1009 storage path).
     pub id: u32,
     /// What is wrong and how to fix it.
     pub message: String,
@@ -512,6 +541,59 @@ pub struct MoveSummary {
     /// The engine's statistics (`total_ms`, `setup_ms`, `downtime_ms`, `bytes_on_wire`,
     /// `rounds`, `throughput_bytes_s`, ...).
     pub stats: serde_json::Value,
+}
+
+/// How a storage-only move went (`storage_moved`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StorageMoveSummary {
+    /// The job.
+    pub job: String,
+    /// The VM.
+    pub vm: String,
+    /// Who asked for it.
+    pub user: String,
+    /// From the slot to the end, ms.
+    pub total_ms: u64,
+    /// How long the VM was paused, all disks together, µs.
+    pub paused_us: u64,
+    /// Bytes written to the new files.
+    pub bytes_copied: u64,
+    /// Each disk moved.
+    pub disks: Vec<MovedDisk>,
+}
+
+/// One disk of a storage-only move.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MovedDisk {
+    /// Its index.
+    pub disk: usize,
+    /// Its file before the move.
+    pub source: String,
+    /// Its file now.
+    pub destination: String,
+    /// Each layer at the destination (base first): `copy`, `reuse` (an identical parent was
+    /// there already) or `mirror` (the active layer).
+    pub layers: Vec<(String, String)>,
+    /// Bytes written.
+    pub bytes_copied: u64,
+    /// Dirty rounds before the pause.
+    pub rounds: u32,
+    /// How long the VM was paused for this disk, µs.
+    pub paused_us: u64,
+    /// What happened to each old file.
+    pub old_files: Vec<OldFile>,
+}
+
+/// An old file after a storage-only move.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OldFile {
+    /// The file.
+    pub path: String,
+    /// Whether it was deleted.
+    pub deleted: bool,
+    /// Why it was kept, if it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kept_because: Option<String>,
 }
 
 /// A response line.
@@ -540,6 +622,8 @@ pub enum Response {
     },
     /// Answer to `move`: the VM runs on the destination.
     Moved(Box<MoveSummary>),
+    /// Answer to `move_storage`: the VM runs on its new files.
+    StorageMoved(Box<StorageMoveSummary>),
     /// Answer to `compare`: every incompatibility (none: the move can go).
     Compared {
         /// The VM.
@@ -1176,6 +1260,26 @@ mod tests {
         assert!(e.contains("larger than"), "{e}");
         // Unknown requests and fields are errors.
         assert!(serde_json::from_str::<Request>(r#"{"request":"reboot"}"#).is_err());
+        // A storage-only move: a folder, or (current file, new file) pairs.
+        let storage = Request::MoveStorage(StorageMoveSpec {
+            vm: "web".into(),
+            storage_path: None,
+            disks: vec![("/vms/a/web.qcow2".into(), "/vms/b/web.qcow2".into())],
+            keep_source: true,
+            bandwidth: None,
+        });
+        let line = serde_json::to_string(&storage).unwrap();
+        assert_eq!(
+            line,
+            r#"{"request":"move_storage","vm":"web","disks":[["/vms/a/web.qcow2","/vms/b/web.qcow2"]],"keep_source":true}"#
+        );
+        assert_eq!(serde_json::from_str::<Request>(&line).unwrap(), storage);
+        assert!(
+            serde_json::from_str::<Request>(
+                r#"{"request":"move_storage","vm":"web","storage_path":"/vms/b","to":["x"]}"#
+            )
+            .is_err()
+        );
     }
 
     #[test]
@@ -1216,6 +1320,28 @@ mod tests {
                     message: "no switch".into(),
                 }],
             },
+            Response::StorageMoved(Box::new(StorageMoveSummary {
+                job: "j2".into(),
+                vm: "web".into(),
+                user: "root (uid 0) on this host".into(),
+                total_ms: 120,
+                paused_us: 850,
+                bytes_copied: 4 << 20,
+                disks: vec![MovedDisk {
+                    disk: 0,
+                    source: "/vms/a/web.qcow2".into(),
+                    destination: "/vms/b/web.qcow2".into(),
+                    layers: vec![("/vms/b/web.qcow2".into(), "mirror".into())],
+                    bytes_copied: 4 << 20,
+                    rounds: 1,
+                    paused_us: 850,
+                    old_files: vec![OldFile {
+                        path: "/vms/a/web.qcow2".into(),
+                        deleted: false,
+                        kept_because: Some("the source files were to be kept".into()),
+                    }],
+                }],
+            })),
             Response::Moved(Box::new(MoveSummary {
                 job: "j1".into(),
                 vm: "web".into(),

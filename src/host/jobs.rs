@@ -1,7 +1,8 @@
-//! Moves as jobs: each move (sent or received) is a job with an id, a state and its latest
-//! progress, listed by `vmgate jobs list`; moves started here wait in a queue when the host's
-//! concurrency limit is reached (Hyper-V: `MaximumVirtualMachineMigrations`,
-//! `MaximumStorageMigrations`), live and storage moves each with their own limit and queue.
+//! Moves as jobs: each move (sent, received, or of a VM's storage on this host) is a job with
+//! an id, a state and its latest progress, listed by `vmgate jobs list`; moves started here
+//! wait in a queue when the host's concurrency limit is reached (Hyper-V:
+//! `MaximumVirtualMachineMigrations`, `MaximumStorageMigrations`), live moves (with or without
+//! their storage) and storage-only moves each with their own limit and queue.
 //!
 //! A queued move sees its position (1 = next); it starts when it is first in its queue and
 //! fewer moves of its kind run than the limit *at that moment* (a limit raised by `host set`
@@ -39,6 +40,8 @@ pub enum Direction {
     Outgoing,
     /// The VM arrives here.
     Incoming,
+    /// The VM stays here; its storage moves (a storage-only move).
+    Local,
 }
 
 /// Where a job is.
@@ -49,11 +52,11 @@ pub enum JobState {
     Queued,
     /// Moving.
     Running,
-    /// The VM runs on the destination.
+    /// The VM runs on the destination (on its new files, for a storage-only move).
     Completed,
-    /// Failed; the VM runs on the source.
+    /// Failed; the VM runs on the source (on its old files).
     Failed,
-    /// Cancelled; the VM runs on the source.
+    /// Cancelled; the VM runs on the source (on its old files).
     Cancelled,
 }
 
@@ -74,11 +77,12 @@ pub struct JobInfo {
     pub id: String,
     /// Live or storage.
     pub kind: JobKind,
-    /// Outgoing or incoming.
+    /// Outgoing, incoming, or local.
     pub direction: Direction,
     /// The VM (empty for an incoming move before its configuration arrived).
     pub vm: String,
-    /// The other host (the destination of an outgoing move, the source of an incoming one).
+    /// The other host (the destination of an outgoing move, the source of an incoming one;
+    /// for a storage-only move, where the storage goes).
     pub peer: String,
     /// Who asked for it.
     pub user: String,
@@ -178,7 +182,8 @@ impl Jobs {
         self.inner.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Records a new job (queued, for an outgoing move; running, for an incoming one).
+    /// Records a new job (queued, for an outgoing or local move; running, for an incoming
+    /// one).
     pub fn submit(
         &self,
         kind: JobKind,
@@ -192,7 +197,7 @@ impl Jobs {
         let id = format!("j{}", inner.next);
         let cancel = CancelToken::new();
         let state = match direction {
-            Direction::Outgoing => JobState::Queued,
+            Direction::Outgoing | Direction::Local => JobState::Queued,
             Direction::Incoming => {
                 *inner.running(kind) += 1;
                 JobState::Running
@@ -216,7 +221,7 @@ impl Jobs {
             },
             cancel: cancel.clone(),
         });
-        if direction == Direction::Outgoing {
+        if direction != Direction::Incoming {
             inner.queue(kind).push_back(id.clone());
         }
         Job {
@@ -447,9 +452,23 @@ mod tests {
         assert_eq!(*seen.lock().unwrap(), vec![(1, 2)]);
         assert_eq!(jobs.get(c.id()).unwrap().state, JobState::Running);
         assert_eq!(jobs.running(JobKind::Live), 2);
-        // Storage moves have their own limit.
-        let mut s = jobs.submit(JobKind::Storage, Direction::Outgoing, "d", "", "alice");
+        // Storage moves have their own limit and queue.
+        let mut s = jobs.submit(JobKind::Storage, Direction::Local, "d", "/vms/b", "alice");
         s.wait_for_slot(&|| 1, &mut never).unwrap();
+        assert_eq!(jobs.running(JobKind::Storage), 1);
+        let mut t = jobs.submit(JobKind::Storage, Direction::Local, "e", "/vms/b", "alice");
+        let t_id = t.id().to_owned();
+        let j2 = jobs.clone();
+        let canceller = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            j2.cancel(&t_id, "not now").unwrap();
+        });
+        let mut queued_at = Vec::new();
+        let r = t.wait_for_slot(&|| 1, &mut |pos, max| queued_at.push((pos, max)));
+        canceller.join().unwrap();
+        assert_eq!(r, Err(QueueCancelled("not now".into())));
+        assert_eq!(queued_at, vec![(1, 1)]);
+        drop(t);
         drop(b);
         drop(c);
         drop(s);

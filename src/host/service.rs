@@ -1,8 +1,9 @@
 //! The daemon's request handling: one dispatcher for the local socket and the gateway's
 //! control channels, the host's run-time migration settings (`host set`, `host enable`,
-//! `host disable`, kept across restarts in the state folder), moves as queued jobs, and the
-//! destination's checks of arriving moves (migrations enabled, the live-move limit, virtual
-//! switches, the processor).
+//! `host disable`, kept across restarts in the state folder), moves as queued jobs (live
+//! moves, and storage-only moves of a running VM on this host), and the destination's checks
+//! of arriving moves (migrations enabled, the live-move limit, virtual switches, the
+//! processor).
 //!
 //! Who may do what: the local socket admits root and the local group (by peer credentials);
 //! the gateway admits members of the admin group (Kerberos, checked against the directory).
@@ -12,18 +13,26 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vmgate_auth::krb::HostCredentials;
 use vmgate_auth::netfilter::NetworkFilter;
 use vmgate_auth::spn::Spn;
 use vmgate_migrate::engine::{
-    CancelToken, DestinationOptions, MoveOptions, Phase, Progress, ReceivedEvent, ReceivedVm,
-    StorageOptions, StorageTarget, incompatibility,
+    CancelToken, DestinationOptions, MoveOptions, Phase, Progress, RateLimiter, ReceivedEvent,
+    ReceivedVm, StorageOptions, StorageTarget, incompatibility,
 };
 use vmgate_migrate::protocol::{Compression, Incompatibility as EngineIncompatibility};
-use vmgate_migrate::vm::VmConfig;
+use vmgate_migrate::storage::local::{
+    LocalMoveError, LocalMoveOptions, LocalMoveReport, MovePhase as StoragePhase, MoveProgress,
+    move_storage,
+};
+use vmgate_migrate::storage::paths::StorageRoots;
+use vmgate_migrate::storage::plan::PlanError;
+use vmgate_migrate::vm::{Vm, VmConfig};
 
 use super::compat;
 use super::jobs::{Direction, Job, JobKind, JobState, Jobs};
@@ -36,7 +45,8 @@ use crate::daemon::config::{
 use crate::daemon::events::{Event, EventLog, MoveKind, MovePhase};
 use crate::daemon::local::{
     Caller, ControlHandler, ErrorCode, ErrorReply, HostChanges, HostInfo, Incompatibility,
-    MoveSpec, MoveSummary, Replies, Request, Response, SpnState, VersionInfo,
+    MoveSpec, MoveSummary, MovedDisk, OldFile, Replies, Request, Response, SpnState,
+    StorageMoveSpec, StorageMoveSummary, VersionInfo,
 };
 
 /// The file in the state folder that keeps `host set` changes.
@@ -336,7 +346,10 @@ impl Service {
         let migration = Arc::clone(&self.migration);
         let limit = move || read(&migration).max_live_moves;
         let events = self.events.clone();
+        // Whether it had to wait (a job that got its slot at once is not "dequeued").
+        let mut queued = false;
         let waited = job.wait_for_slot(&limit, &mut |position, limit| {
+            queued = true;
             events.emit(Event::MigrationQueued {
                 job: id.clone(),
                 vm: vm.clone(),
@@ -359,7 +372,7 @@ impl Service {
                 );
             }
         };
-        if !waited.is_zero() {
+        if queued {
             self.events.emit(Event::MigrationDequeued {
                 job: id.clone(),
                 vm: vm.clone(),
@@ -618,6 +631,599 @@ impl Service {
     }
 }
 
+/// Storage-only moves (Hyper-V: `Move-VMStorage`): a running VM's disks move to new files on
+/// this host, as a job counted against `max_storage_moves`.
+///
+/// ```text
+///  check       the VM runs here and is not being moved; the disks named exist; every
+///              destination is inside storage_roots (else refused, [1009]) -- nothing written
+///  queue       a job (direction local, kind storage): 20404 while it waits, 20405 when it
+///              gets its slot
+///  move        disk after disk (vmgate_migrate::storage::local::move_storage): 20400, then
+///              20401 per phase (setup, storage, switchover, handoff); progress lines; a
+///              cancel from `jobs cancel` stops it before the switch (the VM stays on its old
+///              files, nothing is left at the destination)
+///  end         the registry takes the files the disks are on now (vm show, a cold boot);
+///              20402 with the bytes and the pause, or 20403
+/// ```
+impl Service {
+    fn storage_move(
+        &self,
+        caller: &Caller,
+        spec: &StorageMoveSpec,
+        replies: &mut Replies<'_>,
+    ) -> Response {
+        let limiter = match &spec.bandwidth {
+            None => None,
+            Some(b) => match b.parse::<Bandwidth>() {
+                Ok(b) => Some(RateLimiter::new(b.bytes_per_second())),
+                Err(e) => return Response::error(ErrorCode::BadRequest, e.to_string()),
+            },
+        };
+        let name = spec.vm.as_str();
+        let vm = match self.vms.begin_storage_move(name) {
+            Ok(vm) => vm,
+            Err(e) => return vm_error(&e),
+        };
+        // From here on, however this ends, the registry follows the disks and the VM is free
+        // to be stopped or moved again.
+        let mut registry = EndStorageMove {
+            vms: &self.vms,
+            name,
+            vm: &vm,
+            ended: false,
+        };
+        let current: Vec<PathBuf> = vm.disk_specs().into_iter().map(|d| d.path).collect();
+        let wanted = match storage_targets(name, &current, spec) {
+            Ok(t) => t,
+            Err(e) => return Response::error(ErrorCode::BadRequest, e),
+        };
+        let (roots, targets) = match check_storage_targets(&self.config.storage_roots, &wanted) {
+            Ok(r) => r,
+            Err(problems) => {
+                return Response::error(
+                    ErrorCode::Refused,
+                    format!(
+                        "{} cannot take the storage of {name}: {}. {name} keeps running on its current files.",
+                        self.config.host_name,
+                        problems
+                            .iter()
+                            .map(|p| format!("[{}] {p}", incompatibility::STORAGE))
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    ),
+                );
+            }
+        };
+        let user = match caller {
+            Caller::Remote(r) => r.principal.clone(),
+            Caller::Local(_) => caller.describe(),
+        };
+        let destination = folders(targets.iter().map(|(_, p)| p.as_path()));
+        let sources = folders(
+            targets
+                .iter()
+                .filter_map(|(i, _)| current.get(*i))
+                .map(PathBuf::as_path),
+        );
+        let mut job = self.jobs.submit(
+            JobKind::Storage,
+            Direction::Local,
+            name,
+            &destination,
+            &user,
+        );
+        let id = job.id().to_owned();
+        let migration = Arc::clone(&self.migration);
+        let limit = move || read(&migration).max_storage_moves;
+        let mut queued = false;
+        let waited = job.wait_for_slot(&limit, &mut |position, limit| {
+            queued = true;
+            self.events.emit(Event::MigrationQueued {
+                job: id.clone(),
+                vm: name.to_owned(),
+                kind: MoveKind::Storage,
+                position: u32::try_from(position).unwrap_or(u32::MAX),
+                limit,
+            });
+            let _ = replies.send(&Response::Progress {
+                progress: serde_json::json!({
+                    "job": id, "kind": "storage", "phase": "queued", "position": position,
+                    "limit": limit,
+                }),
+            });
+        });
+        let waited = match waited {
+            Ok(w) => w,
+            Err(e) => {
+                return Response::error(
+                    ErrorCode::Cancelled,
+                    format!("job {id}: {e}; {name} keeps running on its current files"),
+                );
+            }
+        };
+        if queued {
+            self.events.emit(Event::MigrationDequeued {
+                job: id.clone(),
+                vm: name.to_owned(),
+                kind: MoveKind::Storage,
+                waited_ms: u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
+            });
+        }
+        self.events.emit(Event::MigrationStarted {
+            job: id.clone(),
+            vm: name.to_owned(),
+            kind: MoveKind::Storage,
+            source: sources,
+            destination,
+            user: user.clone(),
+        });
+        let started = Instant::now();
+        let token = job.cancel_token().clone();
+        let run = StorageRun {
+            service: self,
+            job: &job,
+            vm: &vm,
+            targets: &targets,
+            roots: &roots,
+            options: LocalMoveOptions {
+                keep_source: spec.keep_source,
+                ..LocalMoveOptions::default()
+            },
+            limiter: limiter.as_ref(),
+        };
+        let (reports, failure) = run.run(&token, replies);
+        // Before the job ends: whoever sees it ended sees the VM on the files it uses.
+        registry.end();
+        let total_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let paused_us: u64 = reports.iter().map(|r| micros(r.paused)).sum();
+        let bytes: u64 = reports.iter().map(|r| r.bytes_copied).sum();
+        match failure {
+            None => {
+                self.events.emit(Event::MigrationCompleted {
+                    job: id.clone(),
+                    vm: name.to_owned(),
+                    total_ms,
+                    downtime_ms: paused_us.div_ceil(1000),
+                    bytes,
+                });
+                let target = u64::from(self.migration().downtime_target_ms);
+                if paused_us.div_ceil(1000) > target {
+                    self.events.emit(Event::LongDowntime {
+                        job: id.clone(),
+                        vm: name.to_owned(),
+                        downtime_ms: paused_us.div_ceil(1000),
+                        target_ms: target,
+                    });
+                }
+                job.finish(
+                    JobState::Completed,
+                    format!(
+                        "{name} runs on its new files: {bytes} bytes copied in {total_ms} ms, paused {:.1} ms",
+                        ms_of_us(paused_us)
+                    ),
+                );
+                Response::StorageMoved(Box::new(StorageMoveSummary {
+                    job: id,
+                    vm: name.to_owned(),
+                    user,
+                    total_ms,
+                    paused_us,
+                    bytes_copied: bytes,
+                    disks: reports
+                        .iter()
+                        .map(|r| moved_disk(r, current.get(r.disk)))
+                        .collect(),
+                }))
+            }
+            Some(e) => {
+                let cancelled = is_cancelled(&e);
+                let refused = is_refused(&e);
+                let mut message = chain(&e);
+                if cancelled {
+                    message = format!("{}: {message}", token.reason());
+                }
+                self.events.emit(generic_failure(
+                    id.clone(),
+                    name.to_owned(),
+                    message.clone(),
+                ));
+                job.finish(
+                    if cancelled {
+                        JobState::Cancelled
+                    } else {
+                        JobState::Failed
+                    },
+                    message.clone(),
+                );
+                let (code, message) = if refused {
+                    (
+                        ErrorCode::Refused,
+                        format!("[{}] {message}", incompatibility::STORAGE),
+                    )
+                } else if cancelled {
+                    (ErrorCode::Cancelled, message)
+                } else {
+                    (ErrorCode::Failed, message)
+                };
+                Response::error(code, format!("job {id}: {message}"))
+            }
+        }
+    }
+}
+
+/// Ends a storage-only move in the registry once: explicitly, or when dropped (see
+/// [`Vms::end_storage_move`]).
+struct EndStorageMove<'a> {
+    vms: &'a Vms,
+    name: &'a str,
+    vm: &'a Arc<Vm>,
+    ended: bool,
+}
+
+impl EndStorageMove<'_> {
+    fn end(&mut self) {
+        if !self.ended {
+            self.ended = true;
+            self.vms.end_storage_move(self.name, self.vm);
+        }
+    }
+}
+
+impl Drop for EndStorageMove<'_> {
+    fn drop(&mut self) {
+        self.end();
+    }
+}
+
+/// One storage-only move once it has its slot.
+struct StorageRun<'a> {
+    service: &'a Service,
+    job: &'a Job,
+    vm: &'a Vm,
+    targets: &'a [(usize, PathBuf)],
+    roots: &'a StorageRoots,
+    options: LocalMoveOptions,
+    limiter: Option<&'a RateLimiter>,
+}
+
+/// How often a progress line goes to the client and to the job record (phase changes always
+/// go at once).
+const PROGRESS_EVERY: Duration = Duration::from_millis(100);
+
+impl StorageRun<'_> {
+    /// Moves the disks one after the other; stops at the first failure (the disks before it
+    /// stay on their new files). `token` is the job's: a cancel raises its flag.
+    fn run(
+        &self,
+        token: &CancelToken,
+        replies: &mut Replies<'_>,
+    ) -> (Vec<LocalMoveReport>, Option<LocalMoveError>) {
+        self.disks(token.flag(), replies)
+    }
+
+    fn disks(
+        &self,
+        cancel: &AtomicBool,
+        replies: &mut Replies<'_>,
+    ) -> (Vec<LocalMoveReport>, Option<LocalMoveError>) {
+        let total: u64 = self
+            .targets
+            .iter()
+            .map(|(i, _)| bytes_to_copy(self.vm, *i))
+            .sum();
+        let id = self.job.id().to_owned();
+        let name = self.vm.config().name.clone();
+        let started = Instant::now();
+        let mut reports: Vec<LocalMoveReport> = Vec::new();
+        let mut last_event = None;
+        let mut last_phase = None;
+        let mut last_sent: Option<Instant> = None;
+        for (n, (index, destination)) in self.targets.iter().enumerate() {
+            let before: u64 = reports.iter().map(|r| r.bytes_copied).sum();
+            let mut seen = 0;
+            let mut on_progress = |p: &MoveProgress| {
+                // The cap holds while the guest runs; the pause is never stretched.
+                if let Some(l) = self.limiter
+                    && matches!(
+                        p.phase,
+                        StoragePhase::Parents | StoragePhase::Bulk | StoragePhase::Dirty
+                    )
+                    && p.bytes_copied > seen
+                    && !cancel.load(Ordering::Relaxed)
+                {
+                    l.acquire(p.bytes_copied - seen);
+                }
+                seen = seen.max(p.bytes_copied);
+                let event = storage_event_phase(p.phase);
+                if last_event != Some(event) {
+                    last_event = Some(event);
+                    self.service.events.emit(Event::MigrationPhase {
+                        job: id.clone(),
+                        vm: name.clone(),
+                        phase: event,
+                    });
+                }
+                let new_phase = last_phase != Some(p.phase);
+                last_phase = Some(p.phase);
+                if !new_phase && last_sent.is_some_and(|t| t.elapsed() < PROGRESS_EVERY) {
+                    return;
+                }
+                last_sent = Some(Instant::now());
+                let copied = before + p.bytes_copied;
+                let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                let v = serde_json::json!({
+                    "job": id,
+                    "kind": "storage",
+                    "phase": p.phase,
+                    "disk": index,
+                    "disk_number": n + 1,
+                    "disks": self.targets.len(),
+                    "layer": p.layer,
+                    "bytes_copied": copied,
+                    "bytes_total": total.max(copied),
+                    "round": p.round,
+                    "dirty_blocks": p.dirty_blocks,
+                    "rate_bytes_s": copied.saturating_mul(1000) / elapsed_ms.max(1),
+                });
+                self.job.progress(v.clone());
+                let _ = replies.send(&Response::Progress { progress: v });
+            };
+            match move_storage(
+                self.vm,
+                *index,
+                destination,
+                self.roots,
+                &self.options,
+                cancel,
+                &mut on_progress,
+            ) {
+                Ok(r) => reports.push(r),
+                Err(e) if reports.is_empty() => return (reports, Some(e)),
+                Err(e) => {
+                    let moved = reports.iter().map(|r| r.disk).collect();
+                    return (
+                        reports,
+                        Some(LocalMoveError::Partial {
+                            moved,
+                            source: Box::new(e),
+                        }),
+                    );
+                }
+            }
+        }
+        (reports, None)
+    }
+}
+
+/// The bytes a move of disk `index` writes, about: its read-only parents' files and the
+/// active layer's allocated data (for a progress bar; reused parents make it less, dirty
+/// rounds more).
+fn bytes_to_copy(vm: &Vm, index: usize) -> u64 {
+    let Some(d) = vm.disk(index) else {
+        return 0;
+    };
+    let parents: u64 = d
+        .layers()
+        .iter()
+        .filter(|l| l.path != d.path())
+        .map(|l| l.file_size)
+        .sum();
+    let active: u64 = d
+        .allocated()
+        .map(|ex| ex.iter().filter(|e| !e.zero).map(|e| e.len).sum())
+        .unwrap_or(0);
+    parents + active
+}
+
+/// The event log's phase for a storage move's phase.
+fn storage_event_phase(p: StoragePhase) -> MovePhase {
+    match p {
+        StoragePhase::Plan => MovePhase::Setup,
+        StoragePhase::Parents | StoragePhase::Bulk | StoragePhase::Dirty => MovePhase::Storage,
+        StoragePhase::Switch => MovePhase::Switchover,
+        StoragePhase::Release => MovePhase::Handoff,
+    }
+}
+
+/// Whether a storage move stopped because it was cancelled.
+fn is_cancelled(e: &LocalMoveError) -> bool {
+    match e {
+        LocalMoveError::Cancelled { .. }
+        | LocalMoveError::Plan {
+            source: PlanError::Cancelled,
+            ..
+        } => true,
+        LocalMoveError::Partial { source, .. } => is_cancelled(source),
+        _ => false,
+    }
+}
+
+/// Whether a storage move was refused for its destination (the storage roots' policy).
+fn is_refused(e: &LocalMoveError) -> bool {
+    match e {
+        LocalMoveError::Destination(_)
+        | LocalMoveError::Plan {
+            source: PlanError::Path(_),
+            ..
+        } => true,
+        LocalMoveError::Partial { source, .. } => is_refused(source),
+        _ => false,
+    }
+}
+
+/// An error and its sources, one sentence after the other.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// Microseconds as milliseconds, for people.
+fn ms_of_us(us: u64) -> f64 {
+    // Pauses are far below 2^52 µs: exact.
+    #[allow(clippy::cast_precision_loss, reason = "far below 2^52")]
+    let v = us as f64;
+    v / 1000.0
+}
+
+/// The distinct folders of some files, for the job record and the events.
+fn folders<'a>(files: impl Iterator<Item = &'a Path>) -> String {
+    let mut out: Vec<String> = Vec::new();
+    for f in files {
+        let folder = f.parent().unwrap_or(f).display().to_string();
+        if !out.contains(&folder) {
+            out.push(folder);
+        }
+    }
+    out.join(", ")
+}
+
+fn moved_disk(r: &LocalMoveReport, source: Option<&PathBuf>) -> MovedDisk {
+    MovedDisk {
+        disk: r.disk,
+        source: source.map(|p| p.display().to_string()).unwrap_or_default(),
+        destination: r.destination.display().to_string(),
+        layers: r
+            .layers
+            .iter()
+            .map(|(p, a)| {
+                let action = serde_json::to_value(a)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default();
+                (p.display().to_string(), action)
+            })
+            .collect(),
+        bytes_copied: r.bytes_copied,
+        rounds: r.rounds,
+        paused_us: micros(r.paused),
+        old_files: r
+            .source_files
+            .iter()
+            .map(|f| OldFile {
+                path: f.path.display().to_string(),
+                deleted: f.deleted,
+                kept_because: f.kept_because.clone(),
+            })
+            .collect(),
+    }
+}
+
+/// Which disks a storage-only move moves, and to which file: every disk into the folder, or
+/// the disks named by their current file (as written, or the same file by another path).
+pub fn storage_targets(
+    vm: &str,
+    current: &[PathBuf],
+    spec: &StorageMoveSpec,
+) -> Result<StorageTargets, String> {
+    if current.is_empty() {
+        return Err(format!("{vm} has no disks to move"));
+    }
+    match (&spec.storage_path, spec.disks.is_empty()) {
+        (Some(_), false) => {
+            Err("give either a storage path or --disk SRC=DST per disk, not both".into())
+        }
+        (None, true) => Err(
+            "say where the storage goes: a storage path for every disk, or --disk SRC=DST per disk"
+                .into(),
+        ),
+        (Some(folder), true) => current
+            .iter()
+            .enumerate()
+            .map(|(i, p)| match p.file_name() {
+                Some(n) => Ok((i, Path::new(folder).join(n))),
+                None => Err(format!(
+                    "disk {i} of {vm} ({}) has no file name",
+                    p.display()
+                )),
+            })
+            .collect(),
+        (None, false) => {
+            let same = |a: &Path, b: &Path| {
+                a == b
+                    || matches!(
+                        (std::fs::canonicalize(a), std::fs::canonicalize(b)),
+                        (Ok(x), Ok(y)) if x == y
+                    )
+            };
+            let mut out: Vec<(usize, PathBuf)> = Vec::new();
+            for (src, dst) in &spec.disks {
+                if src.is_empty() || dst.is_empty() {
+                    return Err(format!(
+                        "\"{src}={dst}\" is not a disk mapping: use SRC=DST (the disk's file now, its new file)"
+                    ));
+                }
+                let Some(index) = current.iter().position(|c| same(c, Path::new(src))) else {
+                    return Err(format!(
+                        "{vm} has no disk {src}; its disks are {}",
+                        current
+                            .iter()
+                            .map(|c| c.display().to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ));
+                };
+                if out.iter().any(|(i, _)| *i == index) {
+                    return Err(format!("disk {src} is named twice"));
+                }
+                out.push((index, PathBuf::from(dst)));
+            }
+            out.sort_by_key(|(i, _)| *i);
+            Ok(out)
+        }
+    }
+}
+
+/// Disks by index, each with its destination file.
+pub type StorageTargets = Vec<(usize, PathBuf)>;
+
+/// Checks each destination against the host's storage roots before anything is written:
+/// inside a root, no `..`, no symbolic-link escape, not an existing file, not two disks in
+/// one file. Returns the roots and the destinations as they will be written, or every
+/// problem, one line each.
+pub fn check_storage_targets(
+    configured: &[PathBuf],
+    targets: &[(usize, PathBuf)],
+) -> Result<(StorageRoots, StorageTargets), Vec<String>> {
+    if configured.is_empty() {
+        return Err(vec![
+            "this host has no storage roots configured, so it accepts no VM storage; configure storage_roots".into(),
+        ]);
+    }
+    let roots = StorageRoots::new(configured).map_err(|e| vec![chain(&e)])?;
+    let mut problems = Vec::new();
+    let mut out: StorageTargets = Vec::new();
+    for (i, path) in targets {
+        match roots.check_file(path, false) {
+            Ok(c) => {
+                if let Some((other, _)) = out.iter().find(|(_, p)| *p == c.path) {
+                    problems.push(format!(
+                        "disk {i}: {} is also the destination of disk {other}",
+                        path.display()
+                    ));
+                }
+                out.push((*i, c.path));
+            }
+            Err(e) => problems.push(format!("disk {i}: {}", chain(&e))),
+        }
+    }
+    if problems.is_empty() {
+        Ok((roots, out))
+    } else {
+        Err(problems)
+    }
+}
+
 impl ControlHandler for Service {
     fn handle(&self, caller: &Caller, request: Request, replies: &mut Replies<'_>) -> Response {
         let vm_result = |r: Result<String, VmOpError>| match r {
@@ -656,6 +1262,7 @@ impl ControlHandler for Service {
             },
             Request::Move(spec) => self.start_move(caller, &spec, MoveMode::Move, replies),
             Request::Compare(spec) => self.start_move(caller, &spec, MoveMode::Compare, replies),
+            Request::MoveStorage(spec) => self.storage_move(caller, &spec, replies),
             Request::JobsList => Response::Jobs {
                 jobs: self.jobs.list(),
             },
@@ -959,6 +1566,104 @@ mod tests {
                 .contains("FROM=TO")
         );
         assert!(parse_switch_map(&["=Lab2".into()]).is_err());
+    }
+
+    fn storage_spec(path: Option<&str>, disks: &[(&str, &str)]) -> StorageMoveSpec {
+        StorageMoveSpec {
+            vm: "web".into(),
+            storage_path: path.map(str::to_owned),
+            disks: disks
+                .iter()
+                .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
+                .collect(),
+            keep_source: false,
+            bandwidth: None,
+        }
+    }
+
+    #[test]
+    fn storage_moves_name_a_folder_or_some_disks_by_their_current_file() {
+        let current = [
+            PathBuf::from("/vms/a/web.qcow2"),
+            PathBuf::from("/vms/a/data.raw"),
+        ];
+        assert_eq!(
+            storage_targets("web", &current, &storage_spec(Some("/vms/b"), &[])).unwrap(),
+            [
+                (0, PathBuf::from("/vms/b/web.qcow2")),
+                (1, PathBuf::from("/vms/b/data.raw"))
+            ]
+        );
+        // Only the disks named move, in disk order.
+        assert_eq!(
+            storage_targets(
+                "web",
+                &current,
+                &storage_spec(None, &[("/vms/a/data.raw", "/vms/c/d.raw")])
+            )
+            .unwrap(),
+            [(1, PathBuf::from("/vms/c/d.raw"))]
+        );
+        let bad = |spec: StorageMoveSpec| storage_targets("web", &current, &spec).unwrap_err();
+        assert!(bad(storage_spec(None, &[])).contains("say where the storage goes"));
+        assert!(
+            bad(storage_spec(Some("/vms/b"), &[("/vms/a/web.qcow2", "/x")])).contains("not both")
+        );
+        assert_eq!(
+            bad(storage_spec(None, &[("/vms/a/other.raw", "/x")])),
+            "web has no disk /vms/a/other.raw; its disks are /vms/a/web.qcow2, /vms/a/data.raw"
+        );
+        assert!(
+            bad(storage_spec(
+                None,
+                &[("/vms/a/web.qcow2", "/x"), ("/vms/a/web.qcow2", "/y")]
+            ))
+            .contains("named twice")
+        );
+        assert!(
+            storage_targets("web", &[], &storage_spec(Some("/vms/b"), &[]))
+                .unwrap_err()
+                .contains("no disks")
+        );
+    }
+
+    #[test]
+    fn storage_destinations_outside_the_roots_are_refused_with_every_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        std::fs::write(root.join("taken.raw"), b"x").unwrap();
+        let roots = [root.clone()];
+        let (_, ok) = check_storage_targets(&roots, &[(0, root.join("new/web.raw"))]).unwrap();
+        assert_eq!(ok, [(0, root.canonicalize().unwrap().join("new/web.raw"))]);
+        let problems = check_storage_targets(
+            &roots,
+            &[
+                (0, dir.path().join("elsewhere/web.raw")),
+                (1, root.join("taken.raw")),
+                (2, root.join("a.raw")),
+                (3, root.join("a.raw")),
+            ],
+        )
+        .unwrap_err();
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(
+            problems[0].starts_with("disk 0: destination "),
+            "{problems:?}"
+        );
+        assert!(
+            problems[0].contains("is outside this host's storage roots"),
+            "{problems:?}"
+        );
+        assert!(problems[1].contains("already exists"), "{problems:?}");
+        assert!(
+            problems[2].contains("is also the destination of disk 2"),
+            "{problems:?}"
+        );
+        assert!(
+            check_storage_targets(&[], &[(0, root.join("x.raw"))]).unwrap_err()[0]
+                .contains("no storage roots")
+        );
     }
 
     #[test]

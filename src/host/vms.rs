@@ -130,6 +130,16 @@ impl Vms {
     /// Marks the VM as moving (refused when it is off, already moving, or unknown) and
     /// returns it.
     pub fn begin_move(&self, name: &str) -> Result<Arc<Vm>, VmOpError> {
+        self.begin(name, "a live move")
+    }
+
+    /// Marks the VM as moving for a storage-only move (refused as [`Vms::begin_move`]: a
+    /// VM whose storage moves is neither stopped nor moved live meanwhile) and returns it.
+    pub fn begin_storage_move(&self, name: &str) -> Result<Arc<Vm>, VmOpError> {
+        self.begin(name, "a storage move")
+    }
+
+    fn begin(&self, name: &str, what: &str) -> Result<Arc<Vm>, VmOpError> {
         let mut list = self.lock();
         let h = find_mut(&mut list, name)?;
         if h.moving {
@@ -139,11 +149,25 @@ impl Vms {
         }
         let vm = h.vm.clone().ok_or_else(|| {
             VmOpError::Refused(format!(
-                "{name} is off: a live move needs a running VM (vmgate vm start {name})"
+                "{name} is off: {what} needs a running VM (vmgate vm start {name})"
             ))
         })?;
         h.moving = true;
         Ok(vm)
+    }
+
+    /// Ends a storage-only move, however it ended: the definition takes the files the VM's
+    /// disks are on now (so `vm show` and a later cold boot use them), and the VM may be
+    /// stopped or moved again.
+    pub fn end_storage_move(&self, name: &str, vm: &Vm) {
+        let now = vm.disk_specs();
+        let mut list = self.lock();
+        if let Some(h) = list.iter_mut().find(|h| h.config.name == name) {
+            for (spec, current) in h.config.disks.iter_mut().zip(now) {
+                *spec = current;
+            }
+            h.moving = false;
+        }
     }
 
     /// Ends a move: on success the VM no longer belongs to this host.

@@ -1,9 +1,10 @@
-//! `vmgate vm|host|move|compare|jobs`: the daemon's control API as commands (Hyper-V's
-//! `Get-VM`, `Start-VM`, `Set-VMHost`, `Enable-VMMigration`, `Move-VM`, `Compare-VM`, and
-//! virsh's `list`, `dominfo`, `console`, `domjobinfo`, `domjobabort`).
+//! `vmgate vm|host|move|move-storage|compare|jobs`: the daemon's control API as commands
+//! (Hyper-V's `Get-VM`, `Start-VM`, `Set-VMHost`, `Enable-VMMigration`, `Move-VM`,
+//! `Move-VMStorage`, `Compare-VM`, and virsh's `list`, `dominfo`, `console`, `blockcopy`,
+//! `domjobinfo`, `domjobabort`).
 //!
 //! Every command prints for people by default and one JSON document with `--json` (`move`
-//! adds one JSON line per progress report before it). Exit codes are those of
+//! and `move-storage` add one JSON line per progress report before it). Exit codes are those of
 //! [`crate::exit`]: 0 done, 1 refused or failed (a failed move, an incompatible destination,
 //! a failed check), 2 bad usage, 3 not found, 4 unreachable, 5 denied (the Windows code,
 //! cause and fix are printed).
@@ -15,7 +16,7 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
-use vmgate::daemon::local::{ErrorCode, HostChanges, MoveSpec, Request, Response};
+use vmgate::daemon::local::{ErrorCode, HostChanges, MoveSpec, Request, Response, StorageMoveSpec};
 
 use crate::control::{self, ControlError, HostTarget, Session, Transport};
 use crate::exit;
@@ -175,6 +176,30 @@ pub struct MoveArgs {
         conflicts_with = "include_storage"
     )]
     pub disks: Vec<String>,
+}
+
+/// `vmgate move-storage`
+#[derive(Debug, Args)]
+pub struct MoveStorageArgs {
+    /// The VM.
+    pub vm: String,
+    /// Move every disk into this folder, keeping the file names (-DestinationStoragePath).
+    #[arg(
+        long,
+        value_name = "P",
+        required_unless_present = "disks",
+        conflicts_with = "disks"
+    )]
+    pub storage_path: Option<PathBuf>,
+    /// Move one disk from its current file to a new one: SRC=DST (repeatable; -VHDs).
+    #[arg(long = "disk", value_name = "SRC=DST")]
+    pub disks: Vec<String>,
+    /// Keep the old files.
+    #[arg(long)]
+    pub keep_source: bool,
+    /// Cap the copy while the guest runs (`200MiB/s`; virsh blockcopy --bandwidth).
+    #[arg(long, value_name = "RATE")]
+    pub bandwidth: Option<String>,
 }
 
 /// `vmgate compare`
@@ -694,8 +719,23 @@ pub fn run_move(conn: &Connection, a: &MoveArgs) -> ExitCode {
     })();
     finish(conn, r, |v| {
         let st = &v["stats"];
+        let mib = |k: &str| st[k].as_f64().unwrap_or(0.0) / 1048576.0;
+        let shared = st["shared_disks"].as_array().map_or(0, Vec::len);
+        let storage = if shared > 0 {
+            format!(
+                "\n  storage: shared, {shared} image(s) handed over in place (no disk data crossed)"
+            )
+        } else if st["disk_bytes_sent"].as_u64().unwrap_or(0) > 0 {
+            format!(
+                "\n  storage: {:.1} MiB of disk data copied ({:.1} MiB of parents reused at the destination)",
+                mib("disk_bytes_sent"),
+                mib("disk_bytes_reused"),
+            )
+        } else {
+            String::new()
+        };
         format!(
-            "Moved {} to {} as {} ({}), job {}\n  total time {:.0} ms, downtime {:.1} ms, {:.1} MiB on the wire, {} rounds, {:.0} MiB/s",
+            "Moved {} to {} as {} ({}), job {}\n  total time {:.0} ms, downtime {:.1} ms, {:.1} MiB on the wire, {} rounds, {:.0} MiB/s{storage}",
             s(v, "vm"),
             s(v, "destination"),
             s(v, "user"),
@@ -708,6 +748,89 @@ pub fn run_move(conn: &Connection, a: &MoveArgs) -> ExitCode {
             st["throughput_bytes_s"].as_f64().unwrap_or(0.0) / 1048576.0,
         )
     })
+}
+
+/// `vmgate move-storage`
+pub fn run_move_storage(conn: &Connection, a: &MoveStorageArgs) -> ExitCode {
+    let r = (|| {
+        let disks = a
+            .disks
+            .iter()
+            .map(|d| match d.split_once('=') {
+                Some((src, dst)) if !src.is_empty() && !dst.is_empty() => {
+                    Ok((src.to_owned(), dst.to_owned()))
+                }
+                _ => Err(fail(
+                    exit::USAGE,
+                    format!(
+                        "\"{d}\" is not a disk mapping: use --disk SRC=DST (the disk's file now, its new file)"
+                    ),
+                )),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let spec = StorageMoveSpec {
+            vm: a.vm.clone(),
+            storage_path: a.storage_path.as_ref().map(|p| p.display().to_string()),
+            disks,
+            keep_source: a.keep_source,
+            bandwidth: a.bandwidth.clone(),
+        };
+        let (_, mut sess) = session(conn, None, false)?;
+        let mut bar = Bar::new(conn.json);
+        let resp = sess.call_with(&Request::MoveStorage(spec), |p| {
+            if let Response::Progress { progress } = p {
+                bar.update(progress);
+            }
+        })?;
+        bar.done();
+        answer(resp)
+    })();
+    finish(conn, r, storage_moved_text)
+}
+
+/// The summary of a storage-only move, for people.
+fn storage_moved_text(v: &Value) -> String {
+    let mib = |k: &str, o: &Value| o[k].as_f64().unwrap_or(0.0) / 1048576.0;
+    let mut out = format!(
+        "Moved the storage of {} (job {}): {:.1} MiB copied in {} ms, paused {:.1} ms\n",
+        s(v, "vm"),
+        s(v, "job"),
+        mib("bytes_copied", v),
+        s(v, "total_ms"),
+        v["paused_us"].as_f64().unwrap_or(0.0) / 1000.0,
+    );
+    for d in v["disks"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "  disk {}: {} -> {} ({:.1} MiB, {} dirty round{}, paused {:.1} ms)\n",
+            s(d, "disk"),
+            s(d, "source"),
+            s(d, "destination"),
+            mib("bytes_copied", d),
+            s(d, "rounds"),
+            if d["rounds"] == 1 { "" } else { "s" },
+            d["paused_us"].as_f64().unwrap_or(0.0) / 1000.0,
+        ));
+        for l in d["layers"].as_array().into_iter().flatten() {
+            if l[1] == "reuse" {
+                out.push_str(&format!(
+                    "    reused {} (identical, already there)\n",
+                    l[0].as_str().unwrap_or_default()
+                ));
+            }
+        }
+        for f in d["old_files"].as_array().into_iter().flatten() {
+            if f["deleted"] == Value::Bool(true) {
+                out.push_str(&format!("    deleted {}\n", s(f, "path")));
+            } else {
+                out.push_str(&format!(
+                    "    kept {}: {}\n",
+                    s(f, "path"),
+                    s(f, "kept_because")
+                ));
+            }
+        }
+    }
+    out
 }
 
 /// The move's progress: a bar on a terminal, a line per report otherwise, JSON lines with
@@ -733,13 +856,17 @@ impl Bar {
             return;
         }
         let phase = s(p, "phase");
+        let storage = s(p, "kind") == "storage";
         let line = if phase == "queued" {
             format!(
-                "queued: position {} (limit {} live moves at once), job {}",
+                "queued: position {} (limit {} {} moves at once), job {}",
                 s(p, "position"),
                 s(p, "limit"),
+                if storage { "storage" } else { "live" },
                 s(p, "job")
             )
+        } else if storage {
+            storage_line(p, &phase)
         } else {
             let sent = p["bytes_sent"].as_f64().unwrap_or(0.0);
             let left = p["bytes_remaining"].as_f64().unwrap_or(0.0);
@@ -789,6 +916,45 @@ impl Bar {
             eprintln!();
         }
     }
+}
+
+/// One progress line of a storage-only move: phase, bar over the bytes to copy, rate, ETA,
+/// disk, round.
+fn storage_line(p: &Value, phase: &str) -> String {
+    let copied = p["bytes_copied"].as_f64().unwrap_or(0.0);
+    let total = p["bytes_total"].as_f64().unwrap_or(0.0);
+    // Dirty rounds copy beyond the estimate: full only once the VM switched.
+    let pct = match phase {
+        "switch" | "release" => 100.0,
+        _ if total > 0.0 => (100.0 * copied / total).min(99.9),
+        _ => 0.0,
+    };
+    let rate = p["rate_bytes_s"].as_f64().unwrap_or(0.0);
+    let eta = if rate > 0.0 {
+        (total - copied).max(0.0) / rate
+    } else {
+        0.0
+    };
+    let filled = (pct / 100.0 * 30.0).round().clamp(0.0, 30.0);
+    // filled is in 0..=30.
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "0..=30"
+    )]
+    let n = filled as usize;
+    format!(
+        "{:<10} [{}{}] {:>5.1}%  {:>7.1} MiB/s  ETA {:>4.1} s  disk {}/{}  round {}",
+        phase,
+        "#".repeat(n),
+        "-".repeat(30 - n),
+        pct,
+        rate / 1048576.0,
+        eta,
+        s(p, "disk_number"),
+        s(p, "disks"),
+        s(p, "round"),
+    )
 }
 
 /// `vmgate jobs ...`

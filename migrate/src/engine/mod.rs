@@ -389,8 +389,8 @@ impl CancelToken {
         self.flag.store(true, Ordering::SeqCst);
     }
 
-    /// The flag a cancel raises, for loops that poll one.
-    pub(crate) fn flag(&self) -> &AtomicBool {
+    /// The flag a cancel raises, for loops that poll one (e.g. a storage-only move's).
+    pub fn flag(&self) -> &AtomicBool {
         &self.flag
     }
 

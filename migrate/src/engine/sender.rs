@@ -936,6 +936,11 @@ impl<'vm, 'p> Run<'vm, 'p> {
             &[|a| matches!(a, SourceAction::SendConfig)],
         )?;
         let mut mapped = map_switches(self.vm.config(), &self.opts.switch_map);
+        // The disks where they are now: a storage-only move may have changed them since the
+        // VM was created.
+        for (d, now) in mapped.disks.iter_mut().zip(self.vm.disk_specs()) {
+            *d = now;
+        }
         if let Some(so) = &self.opts.storage {
             let paths = destination_paths(&mapped, &so.target)
                 .map_err(|e| self.local_failure(&format!("placing the disks: {e}")))?;

@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand};
 use vmgate_tools::manage::{self, Connection};
 use vmgate_tools::{delegation, doctor, spn};
 
-/// Administer vmgate hosts: VMs, live moves, host settings, SPNs, delegation.
+/// Administer vmgate hosts: VMs, live and storage moves, host settings, SPNs, delegation.
 ///
 /// `--host H` picks the daemon: $VMGATE_LAB_DIR/H/vmgated.toml (the lab), or
 /// /etc/vmgate/vmgated.toml when it is H's, or H as a DNS name (port 6600). On H's own machine
@@ -34,6 +34,9 @@ enum Command {
     Host(manage::HostCommand),
     /// Move a running VM live to another host (Move-VM).
     Move(manage::MoveArgs),
+    /// Move a running VM's disks to new files on this host; it keeps running
+    /// (Move-VMStorage; virsh blockcopy).
+    MoveStorage(manage::MoveStorageArgs),
     /// Check whether a VM can move to a host, listing every incompatibility (Compare-VM).
     Compare(manage::CompareArgs),
     /// Moves in progress, queued and ended: list, show, cancel.
@@ -53,6 +56,7 @@ fn main() -> ExitCode {
         Command::Vm(c) => manage::run_vm(&cli.conn, c),
         Command::Host(c) => manage::run_host(&cli.conn, c),
         Command::Move(a) => manage::run_move(&cli.conn, &a),
+        Command::MoveStorage(a) => manage::run_move_storage(&cli.conn, &a),
         Command::Compare(a) => manage::run_compare(&cli.conn, &a),
         Command::Jobs(c) => manage::run_jobs(&cli.conn, c),
         Command::Spn(args) => spn::run(args),
