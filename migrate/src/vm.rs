@@ -30,6 +30,7 @@
 //! their state machine), `cpuid` (what the guest sees, compat baseline), `state` (VmState
 //! and its container), `dirty` (bitmaps), `snapshot` (files), `check` (checkers).
 
+pub mod block_stats;
 pub mod boot;
 pub mod check;
 pub mod config;

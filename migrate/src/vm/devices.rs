@@ -18,15 +18,21 @@
 //! synchronously on the vCPU thread during the doorbell exit, on the disk image, and writes
 //! the status back; both the status and data read into guest memory are VMM writes, which
 //! vm-memory records in the own-write bitmap (KVM's dirty log does not see them).
+//!
+//! Each device's requests are counted and timed (doorbell handling to status written back)
+//! in a [`BlockStatsCell`] kept beside the device, outside its saved state: see
+//! [`super::block_stats`].
 
 use std::fs::File;
 use std::io::Write;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::GuestMem;
+use super::block_stats::{BlockStatsCell, RequestKind, Served};
 use super::layout::{
     BLOCK_MMIO, BLOCK_MMIO_STRIDE, CONTROL_MMIO, MemoryLayout, SERIAL_MMIO, SERIAL_PIO,
 };
@@ -311,14 +317,15 @@ impl BlockDevice {
         }
     }
 
-    /// A guest register write (the doorbell).
-    pub fn write(&mut self, offset: u64, value: u32) {
+    /// A guest register write. A doorbell (offset 0) runs the request and returns what was
+    /// served, for the statistics; other offsets are ignored.
+    pub fn write(&mut self, offset: u64, value: u32) -> Option<Served> {
         if offset != 0 {
-            return;
+            return None;
         }
         let req = u64::from(value);
         self.state.last_request = req;
-        let status = self.process(req);
+        let (kind, status, bytes) = self.process(req);
         self.state.last_status = status;
         self.state.completed += 1;
         // The status goes back into the request; if the request is not RAM there is nowhere
@@ -326,15 +333,22 @@ impl BlockDevice {
         if self.layout.is_ram(req, 32) {
             let _ = self.mem.write_obj(status, GuestAddress(req + 4));
         }
+        let ok = status == STATUS_OK;
+        Some(Served {
+            kind,
+            bytes: if ok { bytes } else { 0 },
+            ok,
+        })
     }
 
-    fn process(&mut self, req: u64) -> u32 {
+    /// Runs the request at `req`: what it was, its status, and the bytes it would move.
+    fn process(&mut self, req: u64) -> (RequestKind, u32, u64) {
         if !self.layout.is_ram(req, 32) {
-            return STATUS_BAD_REQUEST;
+            return (RequestKind::Invalid, STATUS_BAD_REQUEST, 0);
         }
         let mut raw = [0u8; 32];
         if self.mem.read_slice(&mut raw, GuestAddress(req)).is_err() {
-            return STATUS_BAD_REQUEST;
+            return (RequestKind::Invalid, STATUS_BAD_REQUEST, 0);
         }
         let word32 = |o: usize| {
             raw.get(o..o + 4)
@@ -349,6 +363,21 @@ impl BlockDevice {
                 .unwrap_or(0)
         };
         let (op, sector, count, buffer) = (word32(0), word64(8), word32(16), word64(24));
+        let kind = match op {
+            BLOCK_OP_READ => RequestKind::Read,
+            BLOCK_OP_WRITE => RequestKind::Write,
+            BLOCK_OP_FLUSH => RequestKind::Flush,
+            _ => RequestKind::Invalid,
+        };
+        let status = self.execute(op, sector, count, buffer);
+        let bytes = match kind {
+            RequestKind::Read | RequestKind::Write => u64::from(count) * 512,
+            RequestKind::Flush | RequestKind::Invalid => 0,
+        };
+        (kind, status, bytes)
+    }
+
+    fn execute(&mut self, op: u32, sector: u64, count: u32, buffer: u64) -> u32 {
         if op == BLOCK_OP_FLUSH {
             return match self.disk.flush() {
                 Ok(()) => STATUS_OK,
@@ -458,6 +487,8 @@ pub enum BusOutcome {
 pub struct Devices {
     serial: Mutex<Serial>,
     blocks: Vec<Mutex<BlockDevice>>,
+    /// Per block device, by index; not saved (see [`super::block_stats`]).
+    block_stats: Vec<BlockStatsCell>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -481,10 +512,17 @@ fn le_value(data: &[u8]) -> u32 {
 impl Devices {
     /// Devices from their parts.
     pub fn new(serial: Serial, blocks: Vec<BlockDevice>) -> Devices {
+        let block_stats = blocks.iter().map(|_| BlockStatsCell::new()).collect();
         Devices {
             serial: Mutex::new(serial),
             blocks: blocks.into_iter().map(Mutex::new).collect(),
+            block_stats,
         }
+    }
+
+    /// The request statistics of block device `index`.
+    pub fn block_stats(&self, index: usize) -> Option<&BlockStatsCell> {
+        self.block_stats.get(index)
     }
 
     /// A guest MMIO write.
@@ -494,8 +532,14 @@ impl Devices {
             for (i, b) in data.iter().enumerate() {
                 s.write(addr - SERIAL_MMIO + i as u64, *b);
             }
-        } else if let Some((dev, off)) = self.block_at(addr) {
-            lock(dev).write(off, le_value(data));
+        } else if let Some((index, dev, off)) = self.block_at(addr) {
+            // Timed from before the lock: a request waiting for a swap or a flush on another
+            // thread waits that long in the guest too.
+            let started = Instant::now();
+            let served = lock(dev).write(off, le_value(data));
+            if let (Some(served), Some(stats)) = (served, self.block_stats.get(index)) {
+                stats.record(served, started.elapsed());
+            }
         } else if addr == CONTROL_MMIO {
             return BusOutcome::GuestFailed(le_value(data));
         }
@@ -509,7 +553,7 @@ impl Devices {
             for (i, b) in data.iter_mut().enumerate() {
                 *b = s.read(addr - SERIAL_MMIO + i as u64);
             }
-        } else if let Some((dev, off)) = self.block_at(addr) {
+        } else if let Some((_, dev, off)) = self.block_at(addr) {
             let v = lock(dev).read(off).to_le_bytes();
             for (d, s) in data.iter_mut().zip(v.iter().chain(std::iter::repeat(&0))) {
                 *d = *s;
@@ -539,10 +583,12 @@ impl Devices {
         }
     }
 
-    fn block_at(&self, addr: u64) -> Option<(&Mutex<BlockDevice>, u64)> {
+    fn block_at(&self, addr: u64) -> Option<(usize, &Mutex<BlockDevice>, u64)> {
         let rel = addr.checked_sub(BLOCK_MMIO)?;
         let index = usize::try_from(rel / BLOCK_MMIO_STRIDE).ok()?;
-        self.blocks.get(index).map(|d| (d, rel % BLOCK_MMIO_STRIDE))
+        self.blocks
+            .get(index)
+            .map(|d| (index, d, rel % BLOCK_MMIO_STRIDE))
     }
 
     /// Bytes the serial port has transmitted.
