@@ -855,6 +855,29 @@ format = "raw"
     runs_and_checks(&lab, "hv2", "ss");
     let (_, shown) = lab.run_json("alice", &["--host", "hv2", "vm", "show", "ss"]);
     assert_eq!(shown["disks"][0], disk.display().to_string(), "{shown:#}");
+    // Its I/O since it arrived (virsh domblkstat): the guest keeps writing 4 KiB blocks.
+    let st = &shown["disk_stats"][0];
+    let n = |k: &str| {
+        st[k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{k} missing: {shown:#}"))
+    };
+    assert!(
+        n("writes") > 0 && n("bytes_written") == n("writes") * 4096,
+        "{shown:#}"
+    );
+    assert_eq!(n("errors"), 0, "{shown:#}");
+    assert!(
+        0 < n("write_p50_ns") && n("write_p50_ns") <= n("write_p99_ns"),
+        "{shown:#}"
+    );
+    assert!(n("write_p99_ns") <= n("write_max_ns"), "{shown:#}");
+    let (code, text, err) = lab.run("alice", &["--host", "hv2", "vm", "show", "ss"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        text.contains(" writes (") && text.contains("write latency p50 "),
+        "{text}"
+    );
     assert!(disk.exists());
     // hv2's VM holds the image now: a second writer is still refused.
     assert!(writer_refused(), "hv2's VM holds the image");

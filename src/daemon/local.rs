@@ -488,8 +488,36 @@ pub struct VmDetail {
     pub nics: Vec<NicInfo>,
     /// The disks' image files.
     pub disks: Vec<String>,
+    /// Each disk's I/O since the VM started here (while it runs; `virsh domblkstat`).
+    #[serde(default)]
+    pub disk_stats: Vec<DiskStats>,
     /// The serial console log.
     pub console: Option<String>,
+}
+
+/// One disk's I/O counters and write latency, as the block device served them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskStats {
+    /// Read requests completed.
+    pub reads: u64,
+    /// Write requests completed.
+    pub writes: u64,
+    /// Flush requests completed.
+    pub flushes: u64,
+    /// Requests that failed or were rejected.
+    pub errors: u64,
+    /// Bytes read.
+    pub bytes_read: u64,
+    /// Bytes written.
+    pub bytes_written: u64,
+    /// Write latency on the host (doorbell to completion), ns: median, 99th percentile, max.
+    pub write_p50_ns: u64,
+    /// See `write_p50_ns`.
+    pub write_p99_ns: u64,
+    /// See `write_p50_ns`.
+    pub write_max_ns: u64,
+    /// Over how long, ms.
+    pub window_ms: u64,
 }
 
 /// A NIC of a VM.
@@ -1365,7 +1393,19 @@ mod tests {
                     mac: "52:54:00:00:00:01".into(),
                     switch: "Lab".into(),
                 }],
-                disks: Vec::new(),
+                disks: vec!["/vms/web.raw".into()],
+                disk_stats: vec![DiskStats {
+                    reads: 1,
+                    writes: 2,
+                    flushes: 0,
+                    errors: 0,
+                    bytes_read: 4096,
+                    bytes_written: 8192,
+                    write_p50_ns: 3000,
+                    write_p99_ns: 9000,
+                    write_max_ns: 12000,
+                    window_ms: 1500,
+                }],
                 console: None,
             })),
         ];

@@ -24,7 +24,9 @@ use vmgate_migrate::vm::check::check_vm;
 use vmgate_migrate::vm::{Vm, VmConfig, VmOptions};
 
 use super::{ChannelDialer, stream_link};
-use crate::daemon::local::{MAX_CONSOLE_CHUNK, NicInfo, VmCheckReport, VmDetail, VmSummary};
+use crate::daemon::local::{
+    DiskStats, MAX_CONSOLE_CHUNK, NicInfo, VmCheckReport, VmDetail, VmSummary,
+};
 
 /// A VM this host knows: its definition, and the running VM unless it is off.
 #[derive(Debug)]
@@ -212,6 +214,7 @@ impl Vms {
                 .iter()
                 .map(|d| d.path.display().to_string())
                 .collect(),
+            disk_stats: h.vm.as_ref().map(|vm| disk_stats(vm)).unwrap_or_default(),
             console: Some(self.console_path(name).display().to_string()),
         })
     }
@@ -782,4 +785,26 @@ impl Drop for PrivateCcache {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
     }
+}
+
+/// Each disk's counters and write latency since the VM started (or arrived) here.
+fn disk_stats(vm: &Vm) -> Vec<DiskStats> {
+    let ns = |d: Option<std::time::Duration>| {
+        d.map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+    };
+    (0..vm.disk_specs().len())
+        .filter_map(|i| vm.block_stats(i))
+        .map(|b| DiskStats {
+            reads: b.reads,
+            writes: b.writes,
+            flushes: b.flushes,
+            errors: b.failed + b.rejected,
+            bytes_read: b.bytes_read,
+            bytes_written: b.bytes_written,
+            write_p50_ns: ns(b.percentile(50.0)),
+            write_p99_ns: ns(b.percentile(99.0)),
+            write_max_ns: ns(b.write_hist.max()),
+            window_ms: ns(Some(b.window)) / 1_000_000,
+        })
+        .collect()
 }

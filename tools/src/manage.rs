@@ -414,11 +414,28 @@ pub fn run_vm(conn: &Connection, cmd: VmCommand) -> ExitCode {
                     s(n, "switch")
                 ));
             }
+            let stats = v["disk_stats"].as_array().cloned().unwrap_or_default();
             for (i, d) in v["disks"].as_array().into_iter().flatten().enumerate() {
                 out.push_str(&format!(
                     "Disk {i}:    {}\n",
                     d.as_str().unwrap_or_default()
                 ));
+                if let Some(st) = stats.get(i) {
+                    let f = |k: &str| st[k].as_f64().unwrap_or(0.0);
+                    out.push_str(&format!(
+                        "           {} reads ({:.1} MiB), {} writes ({:.1} MiB), {} flushes, {} errors in {:.0} s; write latency p50 {:.1} µs, p99 {:.1} µs, max {:.1} µs\n",
+                        s(st, "reads"),
+                        f("bytes_read") / 1048576.0,
+                        s(st, "writes"),
+                        f("bytes_written") / 1048576.0,
+                        s(st, "flushes"),
+                        s(st, "errors"),
+                        f("window_ms") / 1000.0,
+                        f("write_p50_ns") / 1000.0,
+                        f("write_p99_ns") / 1000.0,
+                        f("write_max_ns") / 1000.0,
+                    ));
+                }
             }
             out
         }),
