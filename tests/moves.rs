@@ -12,7 +12,7 @@ mod lab_hosts;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use lab_hosts::{Lab, chan, memstress_vm};
+use lab_hosts::{Lab, chan, disk_vm, memstress_vm};
 use serde_json::Value;
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -720,28 +720,7 @@ fn a_vm_moves_with_its_disk_shared_nothing_and_a_path_outside_the_roots_is_refus
     let src_dir = lab.host("hv1").dir.join("vms");
     let disk = src_dir.join("sn.raw");
     std::fs::write(&disk, vec![0u8; 4 << 20]).unwrap();
-    lab.create_vm(
-        "hv1",
-        &format!(
-            r#"name = "sn"
-memory_mib = 64
-vcpus = 2
-[[vcpu]]
-program = "diskstress"
-disk = 0
-block_size = 4096
-blocks = 256
-[[vcpu]]
-program = "memstress"
-start_mib = 8
-size_mib = 16
-[[disk]]
-path = "{}"
-format = "raw"
-"#,
-            disk.display()
-        ),
-    );
+    lab.create_vm("hv1", &disk_vm("sn", &disk, "raw"));
     let dest_dir = lab.host("hv2").dir.join("vms");
 
     // A destination folder outside hv2's storage roots: refused with id 1009, nothing moves.
@@ -803,28 +782,7 @@ fn a_vm_on_shared_storage_moves_with_only_its_memory() {
     std::fs::create_dir_all(&shared).unwrap();
     let disk = shared.join("ss.raw");
     std::fs::write(&disk, vec![0x5Au8; 8 << 20]).unwrap();
-    lab.create_vm(
-        "hv1",
-        &format!(
-            r#"name = "ss"
-memory_mib = 64
-vcpus = 2
-[[vcpu]]
-program = "diskstress"
-disk = 0
-block_size = 4096
-blocks = 256
-[[vcpu]]
-program = "memstress"
-start_mib = 8
-size_mib = 16
-[[disk]]
-path = "{}"
-format = "raw"
-"#,
-            disk.display()
-        ),
-    );
+    lab.create_vm("hv1", &disk_vm("ss", &disk, "raw"));
     let writer_refused = || {
         let out = std::process::Command::new("qemu-io")
             .args(["-f", "raw", "-c", "flush", disk.to_str().unwrap()])

@@ -18,33 +18,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use lab_hosts::Lab;
+use lab_hosts::{Lab, disk_vm};
 use serde_json::Value;
 use vmgate::daemon::events::{Event, EventRecord, MoveKind, MovePhase};
-
-/// A VM running diskstress on disk 0 (the guest writes a checked sequence to its first MiB)
-/// and memstress.
-fn disk_vm(name: &str, disk: &Path, format: &str) -> String {
-    format!(
-        r#"name = "{name}"
-memory_mib = 64
-vcpus = 2
-[[vcpu]]
-program = "diskstress"
-disk = 0
-block_size = 4096
-blocks = 256
-[[vcpu]]
-program = "memstress"
-start_mib = 8
-size_mib = 16
-[[disk]]
-path = "{}"
-format = "{format}"
-"#,
-        disk.display()
-    )
-}
 
 /// A raw image of `mib` MiB: zeroes for the guest's region (the first MiB), then data, so
 /// that every MiB is copied.

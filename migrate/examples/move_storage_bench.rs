@@ -15,81 +15,18 @@
 //! the image's lock is handed over at the switchover), for its total time and downtime.
 //! Needs /dev/kvm. Prints a table; removes its files.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+mod bench_common;
+
+use std::net::TcpStream;
+use std::path::PathBuf;
 use std::process::Command;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vmgate_migrate::engine::{
-    CancelToken, Destination, DestinationOptions, Dialer, Link, MoveOptions, Received,
-    StorageOptions, StorageTarget, send_vm,
+    CancelToken, Link, MoveOptions, Received, StorageOptions, StorageTarget, send_vm,
 };
-use vmgate_migrate::vm::{Vm, VmConfig, VmOptions};
 
-struct TcpDialer(SocketAddr);
-
-impl Dialer for TcpDialer {
-    fn dial(&mut self) -> Result<Link, Box<dyn std::error::Error + Send + Sync>> {
-        Ok(Link::tcp(TcpStream::connect(self.0)?)?)
-    }
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap_or_default()
-}
-
-fn mib_s(bytes: u64, d: Duration) -> f64 {
-    bytes as f64 / (1 << 20) as f64 / d.as_secs_f64()
-}
-
-/// Incompressible data after a zero first 4 MiB.
-fn make_raw(path: &Path, mib: u64) {
-    use std::io::Write;
-    let mut f = std::io::BufWriter::new(std::fs::File::create(path).expect("create image"));
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    let mut buf = vec![0u8; 1 << 20];
-    for m in 0..mib {
-        if m < 4 {
-            buf.fill(0);
-        } else {
-            for w in buf.chunks_exact_mut(8) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                w.copy_from_slice(&x.to_le_bytes());
-            }
-        }
-        f.write_all(&buf).expect("write image");
-    }
-    f.flush().expect("flush image");
-}
-
-fn destination(root: PathBuf) -> (SocketAddr, std::sync::mpsc::Receiver<Received>) {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = listener.local_addr().expect("address");
-    let dest = Arc::new(Destination::new(DestinationOptions {
-        storage_roots: vec![root],
-        ..DestinationOptions::default()
-    }));
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for st in listener.incoming() {
-            let Ok(st) = st else { return };
-            let d = Arc::clone(&dest);
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                if let Ok(link) = Link::tcp(st) {
-                    let r = d.handle(link);
-                    if !matches!(r, Received::Joined | Received::Answered) {
-                        let _ = tx.send(r);
-                    }
-                }
-            });
-        }
-    });
-    (addr, rx)
-}
+use bench_common::{TcpDialer, destination, disk_writer, make_raw, mib_s, p};
 
 fn main() {
     let mut args = std::env::args().skip(1);
@@ -135,29 +72,7 @@ fn main() {
     let (addr, results) = destination(root.clone());
     let mut current = image.clone();
     for (k, channels) in [1u16, 4].into_iter().enumerate() {
-        let config = VmConfig::from_toml(
-            &format!(
-                r#"
-name = "bench{k}"
-memory_mib = 64
-vcpus = 1
-[[vcpu]]
-program = "diskstress"
-disk = 0
-block_size = 4096
-blocks = 256
-marker_every = 1000
-[[disk]]
-path = "{}"
-format = "raw"
-"#,
-                p(&current)
-            ),
-            None,
-        )
-        .expect("config");
-        let vm = Vm::create(config, &VmOptions::default()).expect("VM");
-        vm.resume().expect("resume");
+        let vm = disk_writer(&format!("bench{k}"), &current);
         std::thread::sleep(Duration::from_millis(200));
         let folder = root.join(format!("move{k}"));
         let opts = MoveOptions {
@@ -202,29 +117,7 @@ format = "raw"
 
     // Shared storage: the same VM moved without its storage; the image stays where it is
     // and its lock is handed over at the switchover.
-    let config = VmConfig::from_toml(
-        &format!(
-            r#"
-name = "bench-shared"
-memory_mib = 64
-vcpus = 1
-[[vcpu]]
-program = "diskstress"
-disk = 0
-block_size = 4096
-blocks = 256
-marker_every = 1000
-[[disk]]
-path = "{}"
-format = "raw"
-"#,
-            p(&current)
-        ),
-        None,
-    )
-    .expect("config");
-    let vm = Vm::create(config, &VmOptions::default()).expect("VM");
-    vm.resume().expect("resume");
+    let vm = disk_writer("bench-shared", &current);
     std::thread::sleep(Duration::from_millis(200));
     let control = Link::tcp(TcpStream::connect(addr).expect("connect")).expect("link");
     let t = Instant::now();

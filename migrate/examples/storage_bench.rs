@@ -15,6 +15,8 @@
 //! 4 KiB write the VMM performs synchronously) is sampled for one second with the VM idle
 //! (no move) and over the whole move. Needs /dev/kvm. Prints a table; removes its files.
 
+mod bench_common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::AtomicBool;
@@ -24,6 +26,8 @@ use vmgate_migrate::storage::local::{LocalMoveOptions, move_storage};
 use vmgate_migrate::storage::paths::StorageRoots;
 use vmgate_migrate::vm::{Vm, VmConfig, VmOptions};
 
+use bench_common::{make_raw, mib_s, p};
+
 fn run(program: &str, args: &[&str]) {
     let status = Command::new(program)
         .args(args)
@@ -32,43 +36,10 @@ fn run(program: &str, args: &[&str]) {
     assert!(status.success(), "{program} {args:?} failed: {status}");
 }
 
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap_or_default()
-}
-
 fn timed(f: impl FnOnce()) -> Duration {
     let t = Instant::now();
     f();
     t.elapsed()
-}
-
-fn mib_s(bytes: u64, d: Duration) -> f64 {
-    bytes as f64 / (1 << 20) as f64 / d.as_secs_f64()
-}
-
-/// Incompressible data after a zero first 4 MiB.
-fn make_raw(path: &Path, mib: u64) {
-    use std::io::Write;
-    let mut f = std::io::BufWriter::new(std::fs::File::create(path).expect("create image"));
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    let mut buf = vec![0u8; 1 << 20];
-    for m in 0..mib {
-        if m < 4 {
-            buf.fill(0);
-        } else {
-            for w in buf.chunks_exact_mut(8) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                w.copy_from_slice(&x.to_le_bytes());
-            }
-        }
-        f.write_all(&buf).expect("write image");
-    }
-    f.into_inner()
-        .expect("flush image")
-        .sync_all()
-        .expect("sync image");
 }
 
 fn vm_on(dir: &Path, disk: &Path, format: &str, writer: bool) -> Vm {

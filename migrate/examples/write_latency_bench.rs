@@ -36,83 +36,23 @@
 //! latency accounting (query-blockstats) starts at its block layer, not at the guest's
 //! doorbell, so the figures would not compare as they are.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+mod bench_common;
+
+use std::net::TcpStream;
+use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use vmgate_migrate::engine::{
-    CancelToken, Destination, DestinationOptions, Dialer, Link, MoveOptions, Phase, Progress,
-    Received, StorageOptions, StorageTarget, send_vm,
+    CancelToken, Link, MoveOptions, Phase, Progress, Received, StorageOptions, StorageTarget,
+    send_vm,
 };
 use vmgate_migrate::storage::local::{LocalMoveOptions, MovePhase, MoveProgress, move_storage};
 use vmgate_migrate::storage::paths::StorageRoots;
+use vmgate_migrate::vm::Vm;
 use vmgate_migrate::vm::block_stats::BlockStats;
-use vmgate_migrate::vm::{Vm, VmConfig, VmOptions};
 
-struct TcpDialer(SocketAddr);
-
-impl Dialer for TcpDialer {
-    fn dial(&mut self) -> Result<Link, Box<dyn std::error::Error + Send + Sync>> {
-        Ok(Link::tcp(TcpStream::connect(self.0)?)?)
-    }
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap_or_default()
-}
-
-/// Incompressible data after a zero first 4 MiB.
-fn make_raw(path: &Path, mib: u64) {
-    use std::io::Write;
-    let mut f = std::io::BufWriter::new(std::fs::File::create(path).expect("create image"));
-    let mut x: u64 = 0xD1B5_4A32_D192_ED03;
-    let mut buf = vec![0u8; 1 << 20];
-    for m in 0..mib {
-        if m < 4 {
-            buf.fill(0);
-        } else {
-            for w in buf.chunks_exact_mut(8) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                w.copy_from_slice(&x.to_le_bytes());
-            }
-        }
-        f.write_all(&buf).expect("write image");
-    }
-    f.flush().expect("flush image");
-    // Durable before the guest starts: otherwise the kernel's writeback of the fresh image
-    // runs during the idle phase and shows in its figures.
-    f.get_ref().sync_all().expect("sync image");
-}
-
-fn destination(root: PathBuf) -> (SocketAddr, std::sync::mpsc::Receiver<Received>) {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = listener.local_addr().expect("address");
-    let dest = Arc::new(Destination::new(DestinationOptions {
-        storage_roots: vec![root],
-        ..DestinationOptions::default()
-    }));
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for st in listener.incoming() {
-            let Ok(st) = st else { return };
-            let d = Arc::clone(&dest);
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                if let Ok(link) = Link::tcp(st) {
-                    let r = d.handle(link);
-                    if !matches!(r, Received::Joined | Received::Answered) {
-                        let _ = tx.send(r);
-                    }
-                }
-            });
-        }
-    });
-    (addr, rx)
-}
+use bench_common::{TcpDialer, destination, disk_writer, make_raw};
 
 /// One phase's figures.
 struct Row {
@@ -289,29 +229,7 @@ fn main() {
     make_raw(&image, mib);
     let _ = std::fs::read(&image); // warm the page cache
 
-    let config = VmConfig::from_toml(
-        &format!(
-            r#"
-name = "latency"
-memory_mib = 64
-vcpus = 1
-[[vcpu]]
-program = "diskstress"
-disk = 0
-block_size = 4096
-blocks = 256
-marker_every = 1000
-[[disk]]
-path = "{}"
-format = "raw"
-"#,
-            p(&image)
-        ),
-        None,
-    )
-    .expect("config");
-    let vm = Vm::create(config, &VmOptions::default()).expect("VM");
-    vm.resume().expect("resume");
+    let vm = disk_writer("latency", &image);
     std::thread::sleep(Duration::from_millis(300));
 
     let mut rows = vec![idle(&vm, "idle (source)", idle_s)];

@@ -93,6 +93,30 @@ pub fn memstress_vm(name: &str, memory_mib: u64, size_mib: u64, extra: &str) -> 
     )
 }
 
+/// A VM running diskstress on disk 0 (the guest writes a checked sequence to its first MiB)
+/// and memstress.
+pub fn disk_vm(name: &str, disk: &Path, format: &str) -> String {
+    format!(
+        r#"name = "{name}"
+memory_mib = 64
+vcpus = 2
+[[vcpu]]
+program = "diskstress"
+disk = 0
+block_size = 4096
+blocks = 256
+[[vcpu]]
+program = "memstress"
+start_mib = 8
+size_mib = 16
+[[disk]]
+path = "{}"
+format = "{format}"
+"#,
+        disk.display()
+    )
+}
+
 impl Lab {
     /// Starts the named hosts (of hv1, hv2, hv3); `extra(host)` is appended to each host's
     /// configuration (switches, `[testing]`), `migration(host)` replaces its `[migration]`

@@ -896,28 +896,16 @@ impl Bar {
             };
             let rate = p["rate_bytes_s"].as_f64().unwrap_or(0.0);
             let eta = if rate > 0.0 { left / rate } else { 0.0 };
-            let width = 30.0;
-            let filled = (pct / 100.0 * width).round().clamp(0.0, width);
-            // filled is in 0..=30.
-            #[allow(
-                clippy::cast_possible_truncation,
-                clippy::cast_sign_loss,
-                reason = "0..=30"
-            )]
-            let n = filled as usize;
-            format!(
-                "{:<10} [{}{}] {:>5.1}%  {:>7.1} MiB/s  ETA {:>4.1} s  round {}{}",
-                phase,
-                "#".repeat(n),
-                "-".repeat(30 - n),
+            let throttle = match p["throttle_percent"].as_u64() {
+                Some(t) if t > 0 => format!("  throttle {t}%"),
+                _ => String::new(),
+            };
+            bar_line(
+                &phase,
                 pct,
-                rate / 1048576.0,
+                rate,
                 eta,
-                s(p, "round"),
-                match p["throttle_percent"].as_u64() {
-                    Some(t) if t > 0 => format!("  throttle {t}%"),
-                    _ => String::new(),
-                }
+                &format!("round {}{throttle}", s(p, "round")),
             )
         };
         if self.tty {
@@ -952,6 +940,22 @@ fn storage_line(p: &Value, phase: &str) -> String {
     } else {
         0.0
     };
+    bar_line(
+        phase,
+        pct,
+        rate,
+        eta,
+        &format!(
+            "disk {}/{}  round {}",
+            s(p, "disk_number"),
+            s(p, "disks"),
+            s(p, "round")
+        ),
+    )
+}
+
+/// A progress line: phase, a 30-character bar at `pct`, rate, ETA, then `tail`.
+fn bar_line(phase: &str, pct: f64, rate: f64, eta: f64, tail: &str) -> String {
     let filled = (pct / 100.0 * 30.0).round().clamp(0.0, 30.0);
     // filled is in 0..=30.
     #[allow(
@@ -961,16 +965,13 @@ fn storage_line(p: &Value, phase: &str) -> String {
     )]
     let n = filled as usize;
     format!(
-        "{:<10} [{}{}] {:>5.1}%  {:>7.1} MiB/s  ETA {:>4.1} s  disk {}/{}  round {}",
+        "{:<10} [{}{}] {:>5.1}%  {:>7.1} MiB/s  ETA {:>4.1} s  {tail}",
         phase,
         "#".repeat(n),
         "-".repeat(30 - n),
         pct,
         rate / 1048576.0,
         eta,
-        s(p, "disk_number"),
-        s(p, "disks"),
-        s(p, "round"),
     )
 }
 

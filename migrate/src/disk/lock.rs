@@ -196,6 +196,22 @@ pub fn holder(path: &Path) -> Result<Option<LockMode>, DiskError> {
 mod tests {
     use super::*;
 
+    /// A 512-byte file in a new temporary folder (kept while the first value lives).
+    fn image() -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        std::fs::write(&path, [0u8; 512]).unwrap();
+        (dir, path)
+    }
+
+    fn open_rw(path: &Path) -> File {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap()
+    }
+
     #[test]
     fn lock_bytes_match_what_qemu_takes() {
         // What QEMU 10 holds, read from /proc/locks: writer 100,101,103,201,203;
@@ -219,16 +235,8 @@ mod tests {
 
     #[test]
     fn readers_share_and_writers_exclude() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("img");
-        std::fs::write(&path, [0u8; 512]).unwrap();
-        let open = || {
-            std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&path)
-                .unwrap()
-        };
+        let (_dir, path) = image();
+        let open = || open_rw(&path);
 
         let r1 = open();
         let r2 = open();
@@ -265,16 +273,8 @@ mod tests {
 
     #[test]
     fn unlock_hands_the_image_over_and_holder_sees_who_has_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("img");
-        std::fs::write(&path, [0u8; 512]).unwrap();
-        let open = || {
-            std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&path)
-                .unwrap()
-        };
+        let (_dir, path) = image();
+        let open = || open_rw(&path);
         assert_eq!(holder(&path).unwrap(), None);
         let source = open();
         lock(&source, &path, LockMode::Writer).unwrap();
