@@ -18,7 +18,6 @@
 mod bench_common;
 
 use std::net::TcpStream;
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -26,31 +25,14 @@ use vmgate_migrate::engine::{
     CancelToken, Link, MoveOptions, Received, StorageOptions, StorageTarget, send_vm,
 };
 
-use bench_common::{TcpDialer, destination, disk_writer, make_raw, mib_s, p};
+use bench_common::{TcpDialer, Workspace, destination, disk_writer, mib_s, p};
 
 fn main() {
     let mut args = std::env::args().skip(1);
     let mib: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(512);
-    let (_tmp, dir) = match args.next() {
-        Some(d) => (None, PathBuf::from(d)),
-        None => {
-            let t = tempfile::Builder::new()
-                .prefix("vmgate-move-bench")
-                .tempdir_in("/var/tmp")
-                .expect("temporary directory");
-            let d = t.path().to_path_buf();
-            (Some(t), d)
-        }
-    };
-    let src = dir.join("src");
-    let root = dir.join("root");
-    std::fs::create_dir_all(&src).expect("source folder");
-    std::fs::create_dir_all(&root).expect("root folder");
-    let root = std::fs::canonicalize(root).expect("root");
-    let image = src.join("disk.raw");
-    make_raw(&image, mib);
+    let ws = Workspace::new(args.next(), "vmgate-move-bench", mib);
+    let (root, image) = (ws.root.clone(), ws.image.clone());
     let bytes = mib << 20;
-    let _ = std::fs::read(&image); // warm the page cache
 
     let copy = root.join("copy.raw");
     let t = Instant::now();

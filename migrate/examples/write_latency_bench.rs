@@ -39,7 +39,6 @@
 mod bench_common;
 
 use std::net::TcpStream;
-use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
@@ -52,7 +51,7 @@ use vmgate_migrate::storage::paths::StorageRoots;
 use vmgate_migrate::vm::Vm;
 use vmgate_migrate::vm::block_stats::BlockStats;
 
-use bench_common::{TcpDialer, destination, disk_writer, make_raw};
+use bench_common::{TcpDialer, Workspace, destination, disk_writer};
 
 /// One phase's figures.
 struct Row {
@@ -209,25 +208,8 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let mib: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(512);
     let idle_s: f64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(3.0);
-    let (_tmp, dir) = match args.next() {
-        Some(d) => (None, PathBuf::from(d)),
-        None => {
-            let t = tempfile::Builder::new()
-                .prefix("vmgate-latency-bench")
-                .tempdir_in("/var/tmp")
-                .expect("temporary directory");
-            let d = t.path().to_path_buf();
-            (Some(t), d)
-        }
-    };
-    let src = dir.join("src");
-    let root = dir.join("root");
-    std::fs::create_dir_all(&src).expect("source folder");
-    std::fs::create_dir_all(&root).expect("root folder");
-    let root = std::fs::canonicalize(root).expect("root");
-    let image = src.join("disk.raw");
-    make_raw(&image, mib);
-    let _ = std::fs::read(&image); // warm the page cache
+    let ws = Workspace::new(args.next(), "vmgate-latency-bench", mib);
+    let (root, image) = (ws.root.clone(), ws.image.clone());
 
     let vm = disk_writer("latency", &image);
     std::thread::sleep(Duration::from_millis(300));

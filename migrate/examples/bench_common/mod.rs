@@ -113,3 +113,44 @@ format = "raw"
     vm.resume().expect("resume");
     vm
 }
+
+/// Where a benchmark works: `src/disk.raw` (a fresh [`make_raw`] image of `mib` MiB, read
+/// once to warm the page cache) and `root/` (a destination's storage root), in `dir` or a
+/// new temporary folder under /var/tmp that goes away with this value.
+pub struct Workspace {
+    _tmp: Option<tempfile::TempDir>,
+    /// The storage root (canonical).
+    pub root: PathBuf,
+    /// The source image.
+    pub image: PathBuf,
+}
+
+impl Workspace {
+    /// Makes the folders and the image.
+    pub fn new(dir: Option<String>, prefix: &str, mib: u64) -> Workspace {
+        let (tmp, dir) = match dir {
+            Some(d) => (None, PathBuf::from(d)),
+            None => {
+                let t = tempfile::Builder::new()
+                    .prefix(prefix)
+                    .tempdir_in("/var/tmp")
+                    .expect("temporary directory");
+                let d = t.path().to_path_buf();
+                (Some(t), d)
+            }
+        };
+        let src = dir.join("src");
+        let root = dir.join("root");
+        std::fs::create_dir_all(&src).expect("source folder");
+        std::fs::create_dir_all(&root).expect("root folder");
+        let root = std::fs::canonicalize(root).expect("root");
+        let image = src.join("disk.raw");
+        make_raw(&image, mib);
+        let _ = std::fs::read(&image); // warm the page cache
+        Workspace {
+            _tmp: tmp,
+            root,
+            image,
+        }
+    }
+}
