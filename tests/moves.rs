@@ -583,10 +583,27 @@ fn vms_are_listed_stopped_started_and_their_console_read() {
         assert!(Instant::now() < deadline, "no console output");
         std::thread::sleep(Duration::from_millis(200));
     }
+    // Suspend-VM / Resume-VM.
+    let (code, out, err) = lab.run("alice", &["--host", "hv1", "vm", "pause", "life"]);
+    assert_eq!((code, out.trim()), (0, "paused life"), "{err}");
+    let (_, v) = lab.run_json("alice", &["--host", "hv1", "vm", "show", "life"]);
+    assert_eq!(v["state"], "paused", "{v}");
+    let (code, _, err) = lab.run("alice", &["--host", "hv1", "vm", "pause", "life"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("already paused"), "{err}");
+    let (code, out, err) = lab.run("alice", &["--host", "hv1", "vm", "resume", "life"]);
+    assert_eq!((code, out.trim()), (0, "resumed life"), "{err}");
+    let (code, _, err) = lab.run("alice", &["--host", "hv1", "vm", "resume", "life"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("already running"), "{err}");
+    runs_and_checks(&lab, "hv1", "life");
     let (code, out, err) = lab.run("alice", &["--host", "hv1", "vm", "stop", "life"]);
     assert_eq!(code, 0, "{out}{err}");
     let (_, v) = lab.run_json("alice", &["--host", "hv1", "vm", "show", "life"]);
     assert_eq!(v["state"], "off", "{v}");
+    let (code, _, err) = lab.run("alice", &["--host", "hv1", "vm", "resume", "life"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("is off"), "{err}");
     let (code, _, err) = lab.run("alice", &["--host", "hv1", "vm", "stop", "life"]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("already off"), "{err}");

@@ -914,3 +914,38 @@ fn destination_with_own_mounts(over: &Path, file: Option<(PathBuf, Vec<u8>)>) ->
     });
     rx.recv_timeout(Duration::from_secs(10)).unwrap()
 }
+
+#[test]
+fn handed_over_images_are_taken_back_only_once_no_other_host_writes_them() {
+    let _one = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let shared_dir = canonical_dir(dir.path(), "shared");
+    let (_base, top) = shared_chain(&shared_dir);
+    let vm = vm_with_disk(dir.path(), "sh4", &top, "qcow2", 200);
+    vm.resume().unwrap();
+    wait_counter(&vm, 0, 250);
+    // What the switchover does: pause, hand the images over.
+    vm.pause().unwrap();
+    vm.release_disks().unwrap();
+    assert!(vm.disks_released());
+    // "The destination" opens the image for writing: it can, now.
+    let spec = DiskSpec {
+        path: top.clone(),
+        format: DiskFormat::Qcow2,
+    };
+    let other = Disk::open(&spec, true).expect("the released image opens for writing");
+    // While it holds the image, the source cannot take it back and must not resume.
+    let err = vm.reacquire_disks(Duration::from_millis(200)).unwrap_err();
+    let text = format!("{err}: {}", std::error::Error::source(&err).unwrap());
+    assert!(text.contains("cannot be taken back"), "{text}");
+    assert!(text.contains("in use by another process"), "{text}");
+    assert!(vm.disks_released());
+    // Once it closed the image, the source takes it back and runs on.
+    drop(other);
+    vm.reacquire_disks(Duration::from_millis(200)).unwrap();
+    assert!(!vm.disks_released());
+    vm.resume().unwrap();
+    wait_counter(&vm, 0, 250);
+    assert_checks_pass(&vm);
+    assert!(second_writer_refused(&top, DiskFormat::Qcow2));
+}

@@ -216,6 +216,18 @@ pub enum Request {
         /// The VM.
         name: String,
     },
+    /// Pauses a running VM (Hyper-V: `Suspend-VM`; virsh `suspend`).
+    VmPause {
+        /// The VM.
+        name: String,
+    },
+    /// Resumes a paused VM (Hyper-V: `Resume-VM`; virsh `resume`), also one a move left
+    /// paused in doubt: its images are taken back first, refused while another host holds
+    /// them.
+    VmResume {
+        /// The VM.
+        name: String,
+    },
     /// One VM in detail.
     VmShow {
         /// The VM.
@@ -356,6 +368,8 @@ impl Request {
             Request::VmCreate { .. } => "vm_create",
             Request::VmStart { .. } => "vm_start",
             Request::VmStop { .. } => "vm_stop",
+            Request::VmPause { .. } => "vm_pause",
+            Request::VmResume { .. } => "vm_resume",
             Request::VmShow { .. } => "vm_show",
             Request::VmCheck { .. } => "vm_check",
             Request::VmConsole { .. } => "vm_console",

@@ -1248,6 +1248,12 @@ impl ControlHandler for Service {
             Request::VmStop { name } => {
                 vm_result(self.vms.stop(&name).map(|()| format!("turned {name} off")))
             }
+            Request::VmPause { name } => {
+                vm_result(self.vms.pause(&name).map(|()| format!("paused {name}")))
+            }
+            Request::VmResume { name } => {
+                vm_result(self.vms.resume(&name).map(|()| format!("resumed {name}")))
+            }
             Request::VmShow { name } => match self.vms.show(&name) {
                 Ok(d) => Response::Vm(Box::new(d)),
                 Err(e) => vm_error(&e),

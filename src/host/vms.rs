@@ -268,6 +268,50 @@ impl Vms {
         }
     }
 
+    /// Pauses a running VM (its vCPUs stop; memory, devices and disks stay as they are).
+    pub fn pause(&self, name: &str) -> Result<(), VmOpError> {
+        let vm = self.idle_vm(name)?;
+        if !vm.running() {
+            return Err(VmOpError::Refused(format!("{name} is already paused")));
+        }
+        vm.pause()
+            .map(|_| ())
+            .map_err(|e| VmOpError::Failed(format!("pausing {name} failed: {e}")))
+    }
+
+    /// Resumes a paused VM. A VM that a move left paused after handing its images over
+    /// (shared storage) takes them back first; while another host still has one open for
+    /// writing it must not run here, and the refusal names the holder.
+    pub fn resume(&self, name: &str) -> Result<(), VmOpError> {
+        let vm = self.idle_vm(name)?;
+        if vm.running() {
+            return Err(VmOpError::Refused(format!("{name} is already running")));
+        }
+        if vm.disks_released() {
+            vm.reacquire_disks(Duration::from_secs(2)).map_err(|e| {
+                VmOpError::Refused(format!(
+                    "{name} stays paused: its disks were handed over to another host and cannot be taken back ({}); stop the VM where it runs now (vmgate vm list on the destination), then resume it here",
+                    crate::daemon::spn_check::chain(&e)
+                ))
+            })?;
+        }
+        vm.resume()
+            .map_err(|e| VmOpError::Failed(format!("resuming {name} failed: {e}")))
+    }
+
+    /// The running VM `name`, unless a move has it.
+    fn idle_vm(&self, name: &str) -> Result<Arc<Vm>, VmOpError> {
+        let list = self.lock();
+        let h = find(&list, name)?;
+        if h.moving {
+            return Err(VmOpError::Refused(format!(
+                "{name} is being moved: cancel the move first (vmgate jobs cancel)"
+            )));
+        }
+        h.vm.clone()
+            .ok_or_else(|| VmOpError::Refused(format!("{name} is off: vmgate vm start {name}")))
+    }
+
     /// Turns a VM off; its definition stays.
     pub fn stop(&self, name: &str) -> Result<(), VmOpError> {
         let vm = {

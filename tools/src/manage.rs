@@ -75,6 +75,17 @@ pub enum VmCommand {
         /// The VM.
         name: String,
     },
+    /// Pause a running VM (Suspend-VM; virsh suspend).
+    Pause {
+        /// The VM.
+        name: String,
+    },
+    /// Resume a paused VM (Resume-VM; virsh resume), also one a move left paused in doubt:
+    /// refused while another host still has its disks open.
+    Resume {
+        /// The VM.
+        name: String,
+    },
     /// The host's VMs (Get-VM; virsh list).
     List,
     /// One VM in detail (virsh dominfo).
@@ -378,6 +389,12 @@ pub fn run_vm(conn: &Connection, cmd: VmCommand) -> ExitCode {
             s(v, "message")
         }),
         VmCommand::Stop { name } => finish(conn, call(conn, &Request::VmStop { name }), |v| {
+            s(v, "message")
+        }),
+        VmCommand::Pause { name } => finish(conn, call(conn, &Request::VmPause { name }), |v| {
+            s(v, "message")
+        }),
+        VmCommand::Resume { name } => finish(conn, call(conn, &Request::VmResume { name }), |v| {
             s(v, "message")
         }),
         VmCommand::List => finish(conn, call(conn, &Request::VmList), |v| {

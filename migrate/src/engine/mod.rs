@@ -305,7 +305,7 @@ pub enum MoveError {
     },
     /// The link broke after Complete and the destination could not be asked.
     #[error(
-        "the link to the destination broke during the handoff and the destination could not be asked how the move ended ({cause}). The VM stays PAUSED here so that it never runs twice: check the destination (vmgate jobs show), then resume it here only if the destination does not run it."
+        "the link to the destination broke during the handoff and the destination could not be asked how the move ended ({cause}). The VM stays PAUSED here so that it never runs twice: check the destination (vmgate jobs show), then resume it here (vmgate vm resume) only if the destination does not run it."
     )]
     InDoubt {
         /// Why the destination could not be asked.
@@ -314,7 +314,7 @@ pub enum MoveError {
     /// Shared storage: the move failed after the VM's disks were handed over, and another
     /// process still has an image open for writing.
     #[error(
-        "the move failed ({cause}) after this host had handed the VM's disks over, and they cannot be taken back ({held}). Another host may run the VM on them, so it stays PAUSED here so that two hosts never write one image: check the destination (vmgate jobs show, vmgate vm list) and stop its copy, then resume the VM here."
+        "the move failed ({cause}) after this host had handed the VM's disks over, and they cannot be taken back ({held}). Another host may run the VM on them, so it stays PAUSED here so that two hosts never write one image: check the destination (vmgate jobs show, vmgate vm list) and stop its copy, then resume the VM here (vmgate vm resume)."
     )]
     DisksHeld {
         /// Why the move failed.
