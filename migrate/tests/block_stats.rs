@@ -8,9 +8,9 @@
 mod vm_common;
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use vm_common::{require_kvm, s, tool};
+use vm_common::{require_kvm, s, tool, wait_counter};
 use vmgate_migrate::vm::block_stats::BlockStats;
 use vmgate_migrate::vm::{Vm, VmConfig, VmOptions};
 
@@ -41,20 +41,6 @@ format = "raw"
     let vm = Vm::create(config, &VmOptions::default()).expect("VM starts");
     vm.resume().expect("resume");
     vm
-}
-
-/// Waits until the guest's diskstress counter has advanced by `n` from now.
-fn wait_writes(vm: &Vm, n: u64) {
-    let from = vm.mailbox(0).unwrap().counter;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while vm.mailbox(0).unwrap().counter < from + n {
-        assert!(
-            Instant::now() < deadline,
-            "the guest did not write {n} blocks within 60 s (errors {:?})",
-            vm.block_errors()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 /// Only 4 KiB writes, all successful, with ordered non-zero percentiles.
@@ -99,7 +85,7 @@ fn assert_plausible(st: &BlockStats) {
 fn every_guest_write_is_counted_and_timed() {
     let dir = tempfile::tempdir().unwrap();
     let vm = diskstress_vm(dir.path());
-    wait_writes(&vm, 2000);
+    wait_counter(&vm, 0, 2000);
     // Figures can be read while the guest writes.
     let live = vm.block_stats(0).expect("disk 0 exists");
     assert!(live.writes >= 2000, "{live:?}");
@@ -131,7 +117,7 @@ fn every_guest_write_is_counted_and_timed() {
 
     // The next window holds exactly the requests completed in it.
     vm.resume().unwrap();
-    wait_writes(&vm, 500);
+    wait_counter(&vm, 0, 500);
     vm.pause().unwrap();
     let second = vm.take_block_stats(0).unwrap();
     let completed2 = vm.save_state().unwrap().devices.block[0].completed;

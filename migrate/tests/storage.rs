@@ -10,16 +10,17 @@ mod vm_common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
 
-use vm_common::{assert_moved_chain, qcow2_on, require_kvm, s, tool};
+use vm_common::{
+    Tmpfs, assert_moved_chain, canonical_dir, checks_pass, files_under, qcow2_on, raw_image,
+    require_kvm, s, tool, wait_counter,
+};
 use vmgate_migrate::disk::{Disk, DiskFormat, DiskSpec};
 use vmgate_migrate::storage::local::{
     LocalMoveError, LocalMoveOptions, MovePhase, MoveProgress, move_storage,
 };
 use vmgate_migrate::storage::paths::{StoragePathError, StorageRoots};
 use vmgate_migrate::storage::plan::{LayerAction, PlanError};
-use vmgate_migrate::vm::check::check_vm;
 use vmgate_migrate::vm::{Vm, VmConfig, VmOptions};
 
 /// A VM with diskstress on vCPU 0 over `blocks` 4 KiB blocks of disk 0 (`disk`, `format`).
@@ -46,65 +47,6 @@ format = "{format}"
     Vm::create(config, &VmOptions::default()).expect("VM starts")
 }
 
-/// Waits until vCPU 0's diskstress counter has advanced by `n` from now.
-fn wait_writes(vm: &Vm, n: u64) -> u64 {
-    let from = vm.mailbox(0).unwrap().counter;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let c = vm.mailbox(0).unwrap().counter;
-        if c >= from + n {
-            return c;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the guest did not write {n} blocks within 60 s (counter {c}, errors {:?})",
-            vm.block_errors()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-/// Pauses, runs the checkers (on the disk the VM uses now), asserts all pass.
-fn assert_checks_pass(vm: &Vm) {
-    vm.pause().unwrap();
-    assert!(vm.block_errors().is_empty(), "{:?}", vm.block_errors());
-    let checks = check_vm(vm).unwrap();
-    assert!(!checks.is_empty());
-    assert!(checks.iter().all(|c| c.ok), "{checks:#?}");
-    vm.resume().unwrap();
-}
-
-/// Files (recursively) under `dir`.
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                out.extend(files_under(&p));
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
-}
-
-/// A raw image of `mib` MiB: zeroes for the diskstress region (first MiB), then data.
-fn raw_image(path: &Path, mib: usize) {
-    let mut data = vec![0u8; mib << 20];
-    for (i, b) in data.iter_mut().enumerate().skip(1 << 20) {
-        *b = u8::try_from((i / 4096) % 251).unwrap() ^ 0x5A;
-    }
-    std::fs::write(path, data).unwrap();
-}
-
-fn canonical_root(dir: &Path, name: &str) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::create_dir_all(&p).unwrap();
-    std::fs::canonicalize(p).unwrap()
-}
-
 fn no_progress() -> impl FnMut(&MoveProgress) {
     |_| {}
 }
@@ -116,11 +58,11 @@ fn running_vm_moves_its_raw_disk_and_keeps_running() {
     std::fs::create_dir(&src).unwrap();
     let disk = src.join("d0.raw");
     raw_image(&disk, 8);
-    let root = canonical_root(dir.path(), "root");
+    let root = canonical_dir(dir.path(), "root");
     let roots = StorageRoots::new([&root]).unwrap();
     let vm = vm_with_disk(dir.path(), &disk, "raw", 256);
     vm.resume().unwrap();
-    wait_writes(&vm, 300);
+    wait_counter(&vm, 0, 300);
 
     let dest = root.join("vm1/d0.raw");
     let before = vm.mailbox(0).unwrap().counter;
@@ -143,7 +85,7 @@ fn running_vm_moves_its_raw_disk_and_keeps_running() {
     // At once (before the guest rewrites its region): the blocks written during the move,
     // up to the pause, are on the new file.
     let after = vm.mailbox(0).unwrap().counter;
-    assert_checks_pass(&vm);
+    checks_pass(&vm);
     eprintln!(
         "guest writes: {} during the move, {} since; paused {:?}, {} rounds, {} blocks in the final pass",
         after - before,
@@ -181,8 +123,8 @@ fn running_vm_moves_its_raw_disk_and_keeps_running() {
     );
 
     // More guest writes, on the new file; the sequence check passes there.
-    wait_writes(&vm, 300);
-    assert_checks_pass(&vm);
+    wait_counter(&vm, 0, 300);
+    checks_pass(&vm);
     vm.pause().unwrap();
     vm.flush_disks().unwrap();
     let last = vm.mailbox(0).unwrap().counter;
@@ -221,11 +163,11 @@ fn keep_source_keeps_the_old_qcow2_file() {
         "qemu-img",
         &["create", "-q", "-f", "qcow2", s(&disk), "16M"],
     );
-    let root = canonical_root(dir.path(), "root");
+    let root = canonical_dir(dir.path(), "root");
     let roots = StorageRoots::new([&root]).unwrap();
     let vm = vm_with_disk(dir.path(), &disk, "qcow2", 512);
     vm.resume().unwrap();
-    wait_writes(&vm, 200);
+    wait_counter(&vm, 0, 200);
     let dest = root.join("d0.qcow2");
     let report = move_storage(
         &vm,
@@ -257,8 +199,8 @@ fn keep_source_keeps_the_old_qcow2_file() {
         !out.status.success() && stderr.contains("lock"),
         "qemu-io wrote a disk in use: {stderr}"
     );
-    wait_writes(&vm, 200);
-    assert_checks_pass(&vm);
+    wait_counter(&vm, 0, 200);
+    checks_pass(&vm);
     vm.pause().unwrap();
     drop(vm);
     tool("qemu-img", &["check", "-q", s(&dest)]);
@@ -317,7 +259,7 @@ fn three_layer_chain_moves_and_a_second_vm_reuses_the_parents() {
     let (mid, top1) = three_layers(&src, "top1.qcow2");
     let (_, top2) = three_layers(&src, "top2.qcow2");
     let base = src.join("base.raw");
-    let root = canonical_root(dir.path(), "root");
+    let root = canonical_dir(dir.path(), "root");
     let roots = StorageRoots::new([&root]).unwrap();
     let folder = root.join("vms");
 
@@ -325,8 +267,8 @@ fn three_layer_chain_moves_and_a_second_vm_reuses_the_parents() {
     let vm2 = vm_with_disk(dir.path(), &top2, "qcow2", 200);
     vm1.resume().unwrap();
     vm2.resume().unwrap();
-    wait_writes(&vm1, 250);
-    wait_writes(&vm2, 250);
+    wait_counter(&vm1, 0, 250);
+    wait_counter(&vm2, 0, 250);
 
     // VM 1: both parents are copied; the old ones stay, VM 2 still uses them.
     let r1 = move_storage(
@@ -347,7 +289,7 @@ fn three_layer_chain_moves_and_a_second_vm_reuses_the_parents() {
             (folder.join("top1.qcow2"), LayerAction::Mirror),
         ]
     );
-    assert_checks_pass(&vm1);
+    checks_pass(&vm1);
     assert!(!top1.exists());
     assert!(base.exists() && mid.exists());
     let kept: Vec<_> = r1
@@ -370,7 +312,7 @@ fn three_layer_chain_moves_and_a_second_vm_reuses_the_parents() {
         &mut no_progress(),
     )
     .unwrap();
-    assert_checks_pass(&vm2);
+    checks_pass(&vm2);
     assert_eq!(r2.layers[0].1, LayerAction::Reuse);
     assert_eq!(r2.layers[1].1, LayerAction::Reuse);
     assert!(
@@ -381,8 +323,8 @@ fn three_layer_chain_moves_and_a_second_vm_reuses_the_parents() {
     assert!(files_under(&src).is_empty(), "{:?}", files_under(&src));
 
     for vm in [&vm1, &vm2] {
-        wait_writes(vm, 250);
-        assert_checks_pass(vm);
+        wait_counter(vm, 0, 250);
+        checks_pass(vm);
         vm.pause().unwrap();
         vm.flush_disks().unwrap();
     }
@@ -403,11 +345,11 @@ fn cancelled_move(phase: MovePhase) {
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("d0.raw");
     raw_image(&disk, 24);
-    let root = canonical_root(dir.path(), "root");
+    let root = canonical_dir(dir.path(), "root");
     let roots = StorageRoots::new([&root]).unwrap();
     let vm = vm_with_disk(dir.path(), &disk, "raw", 256);
     vm.resume().unwrap();
-    wait_writes(&vm, 300);
+    wait_counter(&vm, 0, 300);
     let cancel = AtomicBool::new(false);
     let mut bytes_at_cancel = 0;
     let e = move_storage(
@@ -441,8 +383,8 @@ fn cancelled_move(phase: MovePhase) {
         !root.join("new").exists(),
         "the folder the move made is gone"
     );
-    wait_writes(&vm, 200);
-    assert_checks_pass(&vm);
+    wait_counter(&vm, 0, 200);
+    checks_pass(&vm);
 }
 
 #[test]
@@ -453,26 +395,6 @@ fn cancel_during_the_bulk_copy_leaves_the_source_in_use_and_nothing_behind() {
 #[test]
 fn cancel_during_mirroring_leaves_the_source_in_use_and_nothing_behind() {
     cancelled_move(MovePhase::Dirty);
-}
-
-/// A small tmpfs, unmounted on drop.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(at: &Path, size: &str) -> Tmpfs {
-        std::fs::create_dir_all(at).unwrap();
-        tool(
-            "mount",
-            &["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs", s(at)],
-        );
-        Tmpfs(at.to_path_buf())
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-    }
 }
 
 #[test]
@@ -487,7 +409,7 @@ fn a_full_destination_gives_a_clear_error_and_leaves_nothing() {
     raw_image(&big, 12);
     let vm = vm_with_disk(dir.path(), &big, "raw", 256);
     vm.resume().unwrap();
-    wait_writes(&vm, 100);
+    wait_counter(&vm, 0, 100);
     let e = move_storage(
         &vm,
         0,
@@ -525,7 +447,7 @@ fn a_full_destination_gives_a_clear_error_and_leaves_nothing() {
     raw_image(&disk, 6);
     let vm = vm_with_disk(dir.path(), &disk, "raw", 256);
     vm.resume().unwrap();
-    wait_writes(&vm, 100);
+    wait_counter(&vm, 0, 100);
     let filler = root.join("filler");
     let mut filled = false;
     let e = move_storage(
@@ -563,8 +485,8 @@ fn a_full_destination_gives_a_clear_error_and_leaves_nothing() {
     assert!(!root.join("vm").exists());
     assert!(vm.running());
     assert_eq!(vm.disk(0).unwrap().path(), disk);
-    wait_writes(&vm, 200);
-    assert_checks_pass(&vm);
+    wait_counter(&vm, 0, 200);
+    checks_pass(&vm);
     drop(vm);
     drop(small);
 }
@@ -574,13 +496,13 @@ fn destinations_outside_the_roots_are_refused_before_anything_is_written() {
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("d0.raw");
     raw_image(&disk, 2);
-    let root = canonical_root(dir.path(), "root");
-    let outside = canonical_root(dir.path(), "outside");
+    let root = canonical_dir(dir.path(), "root");
+    let outside = canonical_dir(dir.path(), "outside");
     std::os::unix::fs::symlink(&outside, root.join("link")).unwrap();
     let roots = StorageRoots::new([&root]).unwrap();
     let vm = vm_with_disk(dir.path(), &disk, "raw", 64);
     vm.resume().unwrap();
-    wait_writes(&vm, 50);
+    wait_counter(&vm, 0, 50);
 
     let cases: Vec<(PathBuf, &str)> = vec![
         (root.join("../outside/d0.raw"), "contains \"..\""),
@@ -619,7 +541,7 @@ fn destinations_outside_the_roots_are_refused_before_anything_is_written() {
     assert!(files_under(&root).is_empty());
     assert!(vm.running());
     assert_eq!(vm.disk(0).unwrap().path(), disk);
-    assert_checks_pass(&vm);
+    checks_pass(&vm);
 }
 
 #[test]
@@ -678,7 +600,7 @@ fn all_disks_move_into_one_folder_and_bad_per_disk_tables_are_refused_first() {
     let d1 = dir.path().join("data.qcow2");
     raw_image(&d0, 4);
     tool("qemu-img", &["create", "-q", "-f", "qcow2", s(&d1), "8M"]);
-    let root = canonical_root(dir.path(), "root");
+    let root = canonical_dir(dir.path(), "root");
     let roots = StorageRoots::new([&root]).unwrap();
     let text = format!(
         r#"
@@ -709,7 +631,7 @@ format = "qcow2"
     )
     .unwrap();
     vm.resume().unwrap();
-    wait_writes(&vm, 200);
+    wait_counter(&vm, 0, 200);
 
     // One entry outside the roots: nothing moves, nothing is written.
     let bad = StorageDestination::PerDisk(vec![
@@ -753,8 +675,8 @@ format = "qcow2"
     assert_eq!(vm.disk(0).unwrap().path(), folder.join("sys.raw"));
     assert_eq!(vm.disk(1).unwrap().path(), folder.join("data.qcow2"));
     assert!(!d0.exists() && !d1.exists());
-    wait_writes(&vm, 200);
-    assert_checks_pass(&vm);
+    wait_counter(&vm, 0, 200);
+    checks_pass(&vm);
     vm.pause().unwrap();
     drop(vm);
     tool("qemu-img", &["check", "-q", s(&folder.join("data.qcow2"))]);
@@ -781,7 +703,7 @@ fn a_destination_that_fills_up_while_parents_are_copied_keeps_nothing() {
     qcow2_on(&top, "mid.qcow2", "qcow2");
     let vm = vm_with_disk(dir.path(), &top, "qcow2", 64);
     vm.resume().unwrap();
-    wait_writes(&vm, 100);
+    wait_counter(&vm, 0, 100);
 
     // The base is copied and renamed into place; space runs out during the mid layer.
     let filler = root.join("filler");
@@ -819,8 +741,8 @@ fn a_destination_that_fills_up_while_parents_are_copied_keeps_nothing() {
     assert!(vm.running());
     assert_eq!(vm.disk(0).unwrap().path(), top);
     assert!(base.exists() && mid.exists() && top.exists());
-    wait_writes(&vm, 100);
-    assert_checks_pass(&vm);
+    wait_counter(&vm, 0, 100);
+    checks_pass(&vm);
     drop(vm);
     drop(small);
 }
@@ -830,11 +752,11 @@ fn a_second_move_of_a_disk_being_moved_is_refused_and_the_first_completes() {
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("d0.raw");
     raw_image(&disk, 8);
-    let root = canonical_root(dir.path(), "root");
+    let root = canonical_dir(dir.path(), "root");
     let roots = StorageRoots::new([&root]).unwrap();
     let vm = vm_with_disk(dir.path(), &disk, "raw", 256);
     vm.resume().unwrap();
-    wait_writes(&vm, 100);
+    wait_counter(&vm, 0, 100);
     let mut second = None;
     let report = move_storage(
         &vm,
@@ -866,5 +788,5 @@ fn a_second_move_of_a_disk_being_moved_is_refused_and_the_first_completes() {
     assert!(text.contains("is already being mirrored"), "{text}");
     assert!(!root.join("second").exists());
     assert_eq!(vm.disk(0).unwrap().path(), report.destination);
-    assert_checks_pass(&vm);
+    checks_pass(&vm);
 }

@@ -18,7 +18,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use vm_common::{assert_moved_chain, qcow2_on, require_kvm, s, tool};
+use vm_common::{
+    Tmpfs, assert_moved_chain, canonical_dir, checks_pass, files_under, qcow2_on, raw_image,
+    require_kvm, s, tool, wait_counter,
+};
 use vmgate_migrate::disk::{Disk, DiskError, DiskFormat, DiskSpec};
 use vmgate_migrate::engine::{
     CancelToken, Destination, DestinationOptions, Dialer, FaultAction, FaultPoint, Link, MoveError,
@@ -26,7 +29,6 @@ use vmgate_migrate::engine::{
     incompatibility, send_vm,
 };
 use vmgate_migrate::storage::local::release_files;
-use vmgate_migrate::vm::check::check_vm;
 use vmgate_migrate::vm::{Vm, VmConfig, VmOptions};
 
 /// One move at a time: they are heavy, and a `qemu-img` forked by another test would hold
@@ -128,30 +130,13 @@ format = "{format}"
     Vm::create(config, &VmOptions::default()).expect("VM starts")
 }
 
-fn wait_counter(vm: &Vm, vcpu: u32, n: u64) {
-    let from = vm.mailbox(vcpu).unwrap().counter;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while vm.mailbox(vcpu).unwrap().counter < from + n {
-        assert!(
-            Instant::now() < deadline,
-            "vCPU {vcpu} made no progress (errors {:?})",
-            vm.block_errors()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 /// Pauses, runs every checker (memory and disk sequence), asserts all pass.
 fn assert_checks_pass(vm: &Vm) {
-    vm.pause().unwrap();
-    assert!(vm.block_errors().is_empty(), "{:?}", vm.block_errors());
-    let checks = check_vm(vm).unwrap();
+    let checks = checks_pass(vm);
     assert!(
         checks.iter().any(|c| c.check == "disk-sequence"),
         "{checks:#?}"
     );
-    assert!(checks.iter().all(|c| c.ok), "{checks:#?}");
-    vm.resume().unwrap();
 }
 
 fn received_vm(results: &std::sync::mpsc::Receiver<Received>) -> Vm {
@@ -162,36 +147,6 @@ fn received_vm(results: &std::sync::mpsc::Receiver<Received>) -> Vm {
         }
         other => panic!("the destination did not get the VM: {other:?}"),
     }
-}
-
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                out.extend(files_under(&p));
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
-}
-
-/// A raw image of `mib` MiB: zeroes for the diskstress region (first MiB), then data.
-fn raw_image(path: &Path, mib: usize) {
-    let mut data = vec![0u8; mib << 20];
-    for (i, b) in data.iter_mut().enumerate().skip(1 << 20) {
-        *b = u8::try_from((i / 4096) % 251).unwrap() ^ 0x5A;
-    }
-    std::fs::write(path, data).unwrap();
-}
-
-fn canonical_dir(dir: &Path, name: &str) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::create_dir_all(&p).unwrap();
-    std::fs::canonicalize(p).unwrap()
 }
 
 #[test]
@@ -495,26 +450,6 @@ fn destinations_outside_the_roots_are_refused_with_1009() {
     assert!(vm.running());
     assert!(disk.exists());
     assert_checks_pass(&vm);
-}
-
-/// A small tmpfs, unmounted on drop.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(at: &Path, size: &str) -> Tmpfs {
-        std::fs::create_dir_all(at).unwrap();
-        tool(
-            "mount",
-            &["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs", s(at)],
-        );
-        Tmpfs(at.to_path_buf())
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(&self.0).status();
-    }
 }
 
 #[test]

@@ -772,7 +772,7 @@ impl Service {
             },
             limiter: limiter.as_ref(),
         };
-        let (reports, failure) = run.run(&token, replies);
+        let (reports, failure) = run.run(token.flag(), replies);
         // Before the job ends: whoever sees it ended sees the VM on the files it uses.
         registry.end();
         let total_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
@@ -893,16 +893,8 @@ const PROGRESS_EVERY: Duration = Duration::from_millis(100);
 
 impl StorageRun<'_> {
     /// Moves the disks one after the other; stops at the first failure (the disks before it
-    /// stay on their new files). `token` is the job's: a cancel raises its flag.
+    /// stay on their new files). `cancel` is the job's flag (`jobs cancel` raises it).
     fn run(
-        &self,
-        token: &CancelToken,
-        replies: &mut Replies<'_>,
-    ) -> (Vec<LocalMoveReport>, Option<LocalMoveError>) {
-        self.disks(token.flag(), replies)
-    }
-
-    fn disks(
         &self,
         cancel: &AtomicBool,
         replies: &mut Replies<'_>,

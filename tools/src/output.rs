@@ -141,6 +141,30 @@ pub fn error_json(err: &dyn Error, exit_code: u8, diagnosis: Option<&Diagnosis>)
     .to_string()
 }
 
+/// Prints a command's result: as pretty JSON with `json`, else `text()`. A result that cannot
+/// be encoded is reported on stderr as `program: ...` and gives the usage exit code (`Err`).
+pub fn print_result<T: serde::Serialize>(
+    program: &str,
+    json: bool,
+    result: &T,
+    text: impl FnOnce() -> String,
+) -> Result<(), u8> {
+    if !json {
+        print!("{}", text());
+        return Ok(());
+    }
+    match serde_json::to_string_pretty(result) {
+        Ok(encoded) => {
+            println!("{encoded}");
+            Ok(())
+        }
+        Err(e) => {
+            eprintln!("{program}: cannot encode the result as JSON: {e}");
+            Err(crate::exit::USAGE)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

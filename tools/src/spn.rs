@@ -420,16 +420,9 @@ pub fn run_request(program: &str, conn: &ConnArgs, request: &Request, json: bool
         });
     match result {
         Ok(report) => {
-            if json {
-                match serde_json::to_string_pretty(&report) {
-                    Ok(text) => println!("{text}"),
-                    Err(e) => {
-                        eprintln!("{program}: cannot encode the result as JSON: {e}");
-                        return exit::USAGE;
-                    }
-                }
-            } else {
-                print!("{}", render_text(&report));
+            if let Err(code) = output::print_result(program, json, &report, || render_text(&report))
+            {
+                return code;
             }
             report.exit_code()
         }

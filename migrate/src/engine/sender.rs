@@ -138,7 +138,7 @@ struct Run<'vm, 'p> {
 ///
 /// On success the VM runs on the destination: the caller must shut it down here (its vCPUs
 /// are paused). On error the VM runs here (resumed if the engine had paused it), except
-/// [`MoveError::InDoubt`], where it stays paused.
+/// [`MoveError::InDoubt`] and [`MoveError::DisksHeld`], where it stays paused.
 pub fn send_vm(
     vm: &Vm,
     control: Link,

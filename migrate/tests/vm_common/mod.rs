@@ -153,3 +153,87 @@ pub fn assert_moved_chain(folder: &Path, t: &Path) {
     );
     assert_eq!(chain[1]["backing-filename"].as_str(), Some("base.raw"));
 }
+
+/// Files (recursively) under `dir`; none when it does not exist.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(files_under(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// A raw image of `mib` MiB: zeroes for the diskstress region (first MiB), then data.
+pub fn raw_image(path: &Path, mib: usize) {
+    let mut data = vec![0u8; mib << 20];
+    for (i, b) in data.iter_mut().enumerate().skip(1 << 20) {
+        *b = u8::try_from((i / 4096) % 251).unwrap() ^ 0x5A;
+    }
+    std::fs::write(path, data).unwrap();
+}
+
+/// `dir/name`, created, as a canonical path (storage roots are compared canonically).
+pub fn canonical_dir(dir: &Path, name: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::create_dir_all(&p).unwrap();
+    std::fs::canonicalize(p).unwrap()
+}
+
+/// A small tmpfs, unmounted on drop.
+pub struct Tmpfs(pub PathBuf);
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (mount's syntax: "8M") at `at`.
+    pub fn mount(at: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(at).unwrap();
+        tool(
+            "mount",
+            &["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs", s(at)],
+        );
+        Tmpfs(at.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// Waits until vCPU `vcpu`'s mailbox counter (diskstress: blocks written) has advanced by
+/// `n` from now; returns the counter.
+pub fn wait_counter(vm: &vmgate_migrate::vm::Vm, vcpu: u32, n: u64) -> u64 {
+    let from = vm.mailbox(vcpu).unwrap().counter;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let c = vm.mailbox(vcpu).unwrap().counter;
+        if c >= from + n {
+            return c;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "vCPU {vcpu} did not advance by {n} within 60 s (counter {c}, errors {:?})",
+            vm.block_errors()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// Pauses, runs every checker (on the disks the VM uses now), asserts there are some and all
+/// pass, resumes; returns the reports.
+pub fn checks_pass(vm: &vmgate_migrate::vm::Vm) -> Vec<vmgate_migrate::vm::check::CheckReport> {
+    vm.pause().unwrap();
+    assert!(vm.block_errors().is_empty(), "{:?}", vm.block_errors());
+    let checks = vmgate_migrate::vm::check::check_vm(vm).unwrap();
+    assert!(!checks.is_empty());
+    assert!(checks.iter().all(|c| c.ok), "{checks:#?}");
+    vm.resume().unwrap();
+    checks
+}

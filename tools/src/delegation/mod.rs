@@ -432,16 +432,10 @@ pub fn run_args(args: &DelegationArgs) -> u8 {
         .and_then(|dir| execute(&dir, &args.command).map_err(DelegationToolError::from));
     match result {
         Ok(outcome) => {
-            if args.json {
-                match serde_json::to_string_pretty(&outcome) {
-                    Ok(text) => println!("{text}"),
-                    Err(e) => {
-                        eprintln!("{program}: cannot encode the result as JSON: {e}");
-                        return exit::USAGE;
-                    }
-                }
-            } else {
-                print!("{}", render::outcome(&outcome));
+            if let Err(code) =
+                output::print_result(program, args.json, &outcome, || render::outcome(&outcome))
+            {
+                return code;
             }
             outcome.exit_code()
         }

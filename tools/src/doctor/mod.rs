@@ -790,16 +790,10 @@ pub fn run_args(args: &DoctorArgs) -> u8 {
         all_checks()
     };
     let report = run_checks(&mut ctx, &checks);
-    if args.json {
-        match serde_json::to_string_pretty(&report) {
-            Ok(text) => println!("{text}"),
-            Err(e) => {
-                eprintln!("vmgate doctor: cannot encode the report as JSON: {e}");
-                return exit::USAGE;
-            }
-        }
-    } else {
-        print!("{}", render(&report));
+    if let Err(code) =
+        crate::output::print_result("vmgate doctor", args.json, &report, || render(&report))
+    {
+        return code;
     }
     report.verdict.exit_code
 }
