@@ -145,6 +145,59 @@ impl AuthFacts {
     }
 }
 
+/// An accepted context without a verified channel binding (the client sent none).
+fn unbound(facts: &AuthFacts) -> Diagnosis {
+    Diagnosis::new(
+        WinCode::BadBindings,
+        format!(
+            "the Kerberos authentication that reached {local} from {peer} carried no channel \
+             binding to the TLS session it arrived on, so nothing shows it was made for this \
+             connection: it may have been captured or relayed from another protocol or \
+             connection (an AP-REQ for HOST/ or cifs/, an HTTP Negotiate header); {local} \
+             refuses unbound authentication",
+            local = facts.local(),
+            peer = facts.peer(),
+        ),
+    )
+    .with_fix(format!(
+        "connect with vmgate's own client (vmgate, vmgated), which binds its Kerberos \
+         authentication to the TLS session (RFC 9266 tls-exporter), directly to {}",
+        facts.local()
+    ))
+}
+
+/// A ticket for another service of the host's account than its migration SPNs.
+fn wrong_service(facts: &AuthFacts, requested: &str, accepted: &[String]) -> Diagnosis {
+    let list = accepted
+        .iter()
+        .map(|p| format!("\"{p}\""))
+        .collect::<Vec<_>>()
+        .join(" or ");
+    Diagnosis::new(
+        WinCode::WrongPrincipal,
+        format!(
+            "the client presented a ticket for \"{requested}\", but {} accepts tickets only \
+             for its migration service ({}): a ticket for another service of {} (HOST/, cifs/, \
+             the account itself) may have been relayed from another protocol, and is refused",
+            facts.local(),
+            if list.is_empty() {
+                "none configured".to_owned()
+            } else {
+                list
+            },
+            facts.local_account(),
+        ),
+    )
+    .with_fix(format!(
+        "connect to {}'s migration SPN ({}), as vmgate does",
+        facts.local(),
+        accepted.first().map_or_else(
+            || facts.spn(),
+            |p| quote(p.rsplit_once('@').map_or(p, |(n, _)| n))
+        )
+    ))
+}
+
 /// The diagnosis of a failure of the krb module.
 pub fn diagnose(err: &KrbError, facts: &AuthFacts) -> Diagnosis {
     let status = match err {
@@ -171,6 +224,21 @@ pub fn diagnose(err: &KrbError, facts: &AuthFacts) -> Diagnosis {
         }
         KrbError::BadString(_) | KrbError::BadPrincipal(_) | KrbError::CcacheDir { .. } => {
             return Diagnosis::new(WinCode::UnknownCredentials, err.to_string());
+        }
+        KrbError::Unbound => return unbound(facts),
+        KrbError::WrongService {
+            requested,
+            accepted,
+        } => return wrong_service(facts, requested, accepted),
+        KrbError::BadToken(why) => {
+            return Diagnosis::new(
+                WinCode::InvalidToken,
+                format!(
+                    "{why}: {} accepts only Kerberos 5 (an AP-REQ for its migration SPN) from a \
+                     vmgate client",
+                    facts.local()
+                ),
+            );
         }
     };
     let op = err.op().unwrap_or(KrbOp::Initiate);
@@ -604,6 +672,35 @@ mod tests {
             realm: Some("LAB.EXAMPLE.TEST".into()),
             ..AuthFacts::default()
         }
+    }
+
+    #[test]
+    fn unbound_and_foreign_service_tickets_are_refused_with_their_codes() {
+        let mut f = facts(Act::Accept, "hv2");
+        f.peer_host = Some("127.0.0.1".into());
+        let d = diagnose(&KrbError::Unbound, &f);
+        assert_eq!(d.code.hex(), "0x80090346");
+        assert_eq!(d.code.name(), "SEC_E_BAD_BINDINGS");
+        assert!(d.cause.contains("carried no channel binding"), "{d}");
+        assert!(d.fix.as_deref().unwrap().contains("RFC 9266"), "{d}");
+        let d = diagnose(
+            &KrbError::WrongService {
+                requested: "HOST/hv2.lab.example.test@LAB.EXAMPLE.TEST".into(),
+                accepted: vec![format!("{SPN}@LAB.EXAMPLE.TEST")],
+            },
+            &f,
+        );
+        assert_eq!(d.code, WinCode::WrongPrincipal);
+        assert!(
+            d.cause
+                .contains("ticket for \"HOST/hv2.lab.example.test@LAB.EXAMPLE.TEST\""),
+            "{d}"
+        );
+        assert!(d.cause.contains(SPN), "{d}");
+        assert!(
+            d.fix.as_deref().unwrap().contains(&format!("\"{SPN}\"")),
+            "{d}"
+        );
     }
 
     #[test]

@@ -222,6 +222,22 @@ pub enum KrbError {
     /// The context was established without mutual authentication.
     #[error("the peer did not prove its identity (mutual authentication was not performed)")]
     NotMutual,
+    /// The client's authentication is not bound to the TLS session it arrived on: it carried
+    /// no channel bindings (MIT 1.19 and later accept that and only leave
+    /// `GSS_C_CHANNEL_BOUND_FLAG` unset), so it may have been relayed from another connection.
+    #[error("the client's Kerberos authentication carried no channel binding to this TLS session")]
+    Unbound,
+    /// The client presented a ticket for another service than this host's migration SPNs.
+    #[error("the client presented a ticket for \"{requested}\", ; this host accepts tickets only for {}", accepted.join(" and "))]
+    WrongService {
+        /// The service the ticket names (`HOST/hv2.lab.example.test@LAB.EXAMPLE.TEST`).
+        requested: String,
+        /// The principals accepted here.
+        accepted: Vec<String>,
+    },
+    /// The client's first token is not a Kerberos AP-REQ.
+    #[error("the client's first token is not a Kerberos authentication")]
+    BadToken(#[source] super::ticket::TicketError),
     /// The peer's token loop did not end.
     #[error("the Kerberos exchange did not finish after {0} round trips")]
     TooManySteps(usize),
