@@ -537,14 +537,33 @@ impl HostCredentials {
         Ok((cred, cache))
     }
 
+    /// The host account as the keytab spells it: MIT looks client keytab entries up
+    /// case-sensitively, and keytabs made by different tools write `hv1$` or `HV1$` while the
+    /// configuration says `HV1$`. The configured spelling when the keytab cannot be read or has
+    /// no such entry (acquiring then reports why).
+    fn account_in_keytab(&self) -> Principal {
+        let wanted = self.account.as_str();
+        keytab::read(&self.keytab)
+            .ok()
+            .and_then(|entries| {
+                entries
+                    .into_iter()
+                    .map(|e| format!("{}@{}", e.name, e.realm))
+                    .find(|p| p.eq_ignore_ascii_case(wanted))
+            })
+            .and_then(|p| Principal::parse(&p, None).ok())
+            .unwrap_or_else(|| self.account.clone())
+    }
+
     /// A credential for initiating as the host account itself.
     pub fn initiator(&self) -> Result<(Credential, OpCcache), KrbError> {
         let cc = OpCcache::new(&self.ccache_dir);
+        let account = self.account_in_keytab();
         let cred = acquire_from(
-            Some(&self.account),
+            Some(&account),
             CredUsage::Initiate,
             &self.store(&cc)?,
-            self.account.as_str(),
+            account.as_str(),
         )?;
         Ok((
             Credential {
