@@ -67,6 +67,10 @@ enum PurposeArg {
     Migration,
 }
 
+#[allow(
+    clippy::large_enum_variant,
+    reason = "the command line, parsed once at start"
+)]
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Accept connections as a host.
