@@ -92,13 +92,15 @@ pub(super) fn standard() -> Vec<Check> {
 
 fn kdc_fix(ctx: &mut Context) -> String {
     let realm = ctx.realm().unwrap_or_else(|| "REALM".into());
-    let file = ctx
-        .kdc_config()
-        .map(|c| c.file.display().to_string())
-        .unwrap_or_else(|_| "krb5.conf".into());
+    let files = vmgate_auth::discover::config_files()
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(":");
     format!(
-        "start the domain controller (samba), or correct the \"kdc =\" line of [realms] {realm} \
-         in {file} (KRB5_CONFIG) or --kdc\ncheck with: kinit -V {}@{realm}",
+        "start the domain controller; check that this host's DNS (/etc/resolv.conf) answers \
+         _kerberos._tcp.{realm} SRV, or name the KDC in {files} ([realms] {realm} kdc = DC) or \
+         with --kdc\ncheck with: kinit -V {}@{realm}",
         ctx.settings.user.as_deref().unwrap_or("USER")
     )
 }
@@ -170,14 +172,24 @@ fn clock_skew(ctx: &mut Context) -> CheckResult {
 fn kdc_reachable(ctx: &mut Context) -> CheckResult {
     let realm = ctx.realm().unwrap_or_else(|| "the realm".into());
     match ctx.kdc() {
-        Ok(t) => CheckResult::pass(format!(
-            "the KDC of {realm} at {} answers ({} ms)",
-            t.address,
-            t.round_trip.as_millis()
-        )),
+        Ok(t) => {
+            let t = t.clone();
+            let found = ctx
+                .kdc_list()
+                .map(|l| format!("; KDCs: {}", l.describe()))
+                .unwrap_or_default();
+            CheckResult::pass(format!(
+                "the KDC of {realm} at {} answers ({} ms){found}",
+                t.address,
+                t.round_trip.as_millis()
+            ))
+        }
         Err(e) => {
             let cause = kdc_cause(e, &realm);
-            let unreachable = matches!(e, KdcError::Unreachable { .. } | KdcError::Resolve { .. });
+            let unreachable = matches!(
+                e,
+                KdcError::Unreachable { .. } | KdcError::Resolve { .. } | KdcError::Locate(_)
+            );
             let summary = error_chain(e);
             let d =
                 Diagnosis::new(WinCode::NoAuthenticatingAuthority, cause).with_fix(kdc_fix(ctx));
@@ -282,9 +294,15 @@ fn resolve_host(ctx: &mut Context, side: Side) -> CheckResult {
 // --- directory -------------------------------------------------------------------------------
 
 fn ldap_reachable(ctx: &mut Context) -> CheckResult {
-    let url = ctx.settings.conn.ldap_url.clone().unwrap_or_default();
+    let url = ctx
+        .settings
+        .conn
+        .ldap_url
+        .clone()
+        .unwrap_or_else(|| "the domain controller DNS names".into());
     match ctx.directory() {
         Ok(dir) => {
+            let url = dir.url().to_owned();
             let root = dir.root_dse();
             let kind = if dir.is_samba() {
                 format!(
