@@ -248,16 +248,25 @@ impl ConnArgs {
     /// for krb5.conf's default realm.
     pub fn connect(&self) -> Result<Directory, ConnError> {
         let args = self.with_env(|name| std::env::var(name).ok());
-        if args.ldap_url.as_deref().is_some_and(|u| !u.trim().is_empty()) {
+        if args
+            .ldap_url
+            .as_deref()
+            .is_some_and(|u| !u.trim().is_empty())
+        {
             return Ok(Directory::connect(&args.resolved_config()?)?);
         }
-        let realm = vmgate_auth::discover::default_realm()
-            .map_err(|e| ConnError::Discover(Box::new(e)))?;
+        let realm =
+            vmgate_auth::discover::default_realm().map_err(|e| ConnError::Discover(Box::new(e)))?;
         // The bind (and a password prompt) is settled once, before any DC is tried.
         let base = args.config_for(String::new())?;
-        vmgate_auth::discover::connect_directory(&realm, base.bind.clone(), base.ca_file.clone(), |c| {
-            c.tls = base.tls;
-        })
+        vmgate_auth::discover::connect_directory(
+            &realm,
+            base.bind.clone(),
+            base.ca_file.clone(),
+            |c| {
+                c.tls = base.tls;
+            },
+        )
         .map_err(|e| match *Box::new(e) {
             vmgate_auth::discover::DiscoverError::DirectoryUnavailable { source, .. }
                 if source.kind() != ErrorKind::Unreachable =>

@@ -62,11 +62,19 @@ pub fn run(cmd: KeytabCommand, json: bool) -> ExitCode {
     }
 }
 
-fn fail(json: bool, err: &dyn std::error::Error, code: u8, d: Option<&vmgate_auth::Diagnosis>) -> u8 {
+fn fail(
+    json: bool,
+    err: &dyn std::error::Error,
+    code: u8,
+    d: Option<&vmgate_auth::Diagnosis>,
+) -> u8 {
     if json {
         println!("{}", output::error_json(err, code, d));
     } else {
-        eprint!("{}", output::error_report("vmgate host keytab refresh", err, d));
+        eprint!(
+            "{}",
+            output::error_report("vmgate host keytab refresh", err, d)
+        );
     }
     code
 }

@@ -23,11 +23,11 @@
 //! | `kdc` | a KDC of the realm answers on port 88 (`--kdc`, krb5.conf's `kdc =`, else DNS `_kerberos._tcp.REALM` SRV as libkrb5 finds them) | 0x80090311 |
 //! | `ldap` | the directory answers and binds (the [`crate::conn`] flags; without a URL the DC DNS names for the realm) | the directory's code |
 //! | `spn-fqdn`, `spn-short` | D's migration SPN registered exactly once, on D's account, with Samba's escaped twin | 0x80090303 missing or twin missing, 0x80090322 elsewhere or duplicated |
-//! | `keytab` | S's keytab (`--keytab` or S's config) and D's (`--to-keytab` or D's config) hold the account's current key version (`msDS-KeyVersionNumber`) | 0x80090322 stale, 0x8009030D no key |
+//! | `keytab` | S's keytab (`--keytab` or S's config) and D's (`--to-keytab` or D's config) hold the account's current key version (`msDS-KeyVersionNumber`); the fix is `vmgate host keytab refresh` on that host | 0x80090322 stale, 0x8009030D no key |
 //! | `delegation` | S may act for U towards D for the auth type and the way the move starts (the delegation checker's analysis), confirmed by a live S4U exchange with S's keytab when given | 0x8009030E |
 //! | `user-account` | U is enabled, not locked, not "sensitive and cannot be delegated", not in Protected Users | 0x8009030C, 0x8009030E |
 //! | `user-authorized` | U is a member of D's admin group (`--admin-group`, D's config, or "Hyper-V Administrators") | 0x80070005 |
-//! | `daemon-reachable` | D's vmgated answers on its migration addresses (and its settings can be read: its socket here, or its gateway with the user's ticket) | 0x8007274D |
+//! | `daemon-reachable` | D's vmgated answers on its migration addresses and accepts the user through its gateway as a move would reach it: TLS, Kerberos with the user's ticket (`--user-ccache`, `KRB5CCNAME`) for D's migration SPN, decrypted with D's key and bound to the TLS session, then D's authorization; its settings are read over that channel | 0x8007274D, or the code of the refusal (0x80090322 D's key, 0x80070005 not allowed, ...) |
 //! | `migration-enabled` | D accepts live moves | 0x8007274D |
 //! | `source-allowed` | S's address is on D's migration networks | 0x80070005 |
 //! | `protocol-version` | S's protocol version (its daemon's, else this build's) is one D accepts | 0x80070032 |
