@@ -111,7 +111,7 @@ pub enum RefreshError {
         account: String,
         /// Why.
         #[source]
-        source: DirectoryError,
+        source: Box<DirectoryError>,
     },
     /// No such account.
     #[error("there is no account {account} in the directory")]
@@ -158,7 +158,7 @@ pub enum RefreshError {
         #[source]
         source: ChangePasswordError,
         /// The LDAP reset's failure, when it was tried.
-        reset: Option<DirectoryError>,
+        reset: Option<Box<DirectoryError>>,
     },
     /// The password changed, but the new keytab could not be put in place.
     #[error("the password of {account} changed, but {} could not be replaced: the new keys are in {}", path.display(), side.display())]
@@ -354,7 +354,7 @@ fn read_account(dir: &Directory, name: &str) -> Result<AccountFacts, RefreshErro
         )
         .map_err(|source| RefreshError::Directory {
             account: sam.clone(),
-            source,
+            source: Box::new(source),
         })?;
     let e = entries
         .into_iter()
@@ -510,7 +510,7 @@ pub fn refresh(dir: &Directory, req: &RefreshRequest) -> Result<RefreshReport, R
                     return Err(RefreshError::Change {
                         account: sam,
                         source: ChangePasswordError::Krb5(e),
-                        reset: Some(reset),
+                        reset: Some(Box::new(reset)),
                     });
                 }
             }
