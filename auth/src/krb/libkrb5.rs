@@ -810,13 +810,14 @@ pub fn string_to_key(
 mod tests {
     use super::*;
 
-    fn with_config(text: &str, f: impl FnOnce()) {
-        // The library reads KRB5_CONFIG in each new context; tests that set it run one at a
-        // time (a lock), and restore it.
-        static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-        let _g = LOCK
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+    /// Runs test `name` of this binary again in a child process whose `KRB5_CONFIG` is a file
+    /// with `text` (`@INCLUDE@` names a second file that `include` pulls in): libkrb5 reads the
+    /// variable in every new context, and changing it in this multi-threaded process would race
+    /// with the other tests. Returns true in the child, where the test's assertions run.
+    fn in_child_with_config(name: &str, text: &str) -> bool {
+        if std::env::var_os("VMGATE_LIBKRB5_TEST_CHILD").is_some() {
+            return true;
+        }
         let dir = tempfile::tempdir().unwrap();
         let main = dir.path().join("krb5.conf");
         let inc = dir.path().join("included.conf");
@@ -826,42 +827,50 @@ mod tests {
         )
         .unwrap();
         std::fs::write(&main, text.replace("@INCLUDE@", &inc.display().to_string())).unwrap();
-        let old = std::env::var_os("KRB5_CONFIG");
-        // SAFETY: the lock above keeps the tests of this module from touching the environment
-        // at the same time; other tests of this crate do not read KRB5_CONFIG while running.
-        unsafe { std::env::set_var("KRB5_CONFIG", &main) };
-        f();
-        // SAFETY: as above.
-        unsafe {
-            match old {
-                Some(v) => std::env::set_var("KRB5_CONFIG", v),
-                None => std::env::remove_var("KRB5_CONFIG"),
-            }
-        }
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", name, "--nocapture", "--test-threads=1"])
+            .env("KRB5_CONFIG", &main)
+            .env("VMGATE_LIBKRB5_TEST_CHILD", "1")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success() && String::from_utf8_lossy(&out.stdout).contains("1 passed"),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        false
     }
 
     #[test]
     fn reads_the_configuration_the_way_libkrb5_does() {
-        with_config(
+        if in_child_with_config(
+            "krb::libkrb5::tests::reads_the_configuration_the_way_libkrb5_does",
             "include @INCLUDE@\n[libdefaults]\n default_realm = EXAMPLE.ORG\n dns_lookup_kdc = \
              false\n[realms]\n EXAMPLE.ORG = {\n  kdc = kdc1.example.org\n }\n",
-            || {
-                assert_eq!(default_realm().unwrap().as_deref(), Some("EXAMPLE.ORG"));
-                let mut kdcs = profile_values(&["realms", "EXAMPLE.ORG", "kdc"]).unwrap();
-                kdcs.sort();
-                assert_eq!(kdcs, ["kdc1.example.org", "kdc2.example.org:88"]);
-                assert!(
-                    profile_values(&["realms", "OTHER", "kdc"])
-                        .unwrap()
-                        .is_empty()
-                );
-                assert!(!profile_bool("libdefaults", "dns_lookup_kdc", true).unwrap());
-                assert!(profile_bool("libdefaults", "no_such_thing", true).unwrap());
-            },
-        );
-        with_config("[libdefaults]\n dns_lookup_kdc = true\n", || {
+        ) {
+            assert_eq!(default_realm().unwrap().as_deref(), Some("EXAMPLE.ORG"));
+            let mut kdcs = profile_values(&["realms", "EXAMPLE.ORG", "kdc"]).unwrap();
+            kdcs.sort();
+            assert_eq!(kdcs, ["kdc1.example.org", "kdc2.example.org:88"]);
+            assert!(
+                profile_values(&["realms", "OTHER", "kdc"])
+                    .unwrap()
+                    .is_empty()
+            );
+            assert!(!profile_bool("libdefaults", "dns_lookup_kdc", true).unwrap());
+            assert!(profile_bool("libdefaults", "no_such_thing", true).unwrap());
+        }
+    }
+
+    #[test]
+    fn no_default_realm_is_none() {
+        if in_child_with_config(
+            "krb::libkrb5::tests::no_default_realm_is_none",
+            "[libdefaults]\n dns_lookup_kdc = true\n",
+        ) {
             assert_eq!(default_realm().unwrap(), None);
-        });
+        }
     }
 
     #[test]
