@@ -37,6 +37,8 @@ pub mod ccache;
 pub mod diagnose;
 pub mod error;
 pub mod keytab;
+pub mod libkrb5;
+pub mod refresh;
 pub mod ticket;
 
 use std::ffi::{CString, c_void};
