@@ -83,22 +83,33 @@ fn host_mode_moves_come_only_from_peer_hosts_and_hosts_never_get_the_control_api
     assert!(err.contains("0x80070005"), "{err}");
     assert!(err.contains("peer_hosts: hv1"), "{err}");
     assert_eq!(lab.host("hv3").vm_names(), ["hm3"]);
-    let refused: Vec<_> = lab
-        .host("hv2")
-        .events()
-        .into_iter()
-        .filter(|r| r.id == 10011)
-        .collect();
-    assert!(
-        refused.iter().any(|r| matches!(
-            &r.event,
-            Event::GatewayRefused { peer, code, cause }
-                if code == "0x80070005"
-                    && peer.starts_with("hv3$@")
-                    && cause.contains("peer_hosts: hv1")
-        )),
-        "hv2 logged no refusal of hv3: {refused:?}"
-    );
+    // hv2 logs the refusal once its handshake thread is done, just after the peer got it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let refused: Vec<_> = lab
+            .host("hv2")
+            .events()
+            .into_iter()
+            .filter(|r| r.id == 10011)
+            .collect();
+        let logged = refused.iter().any(|r| {
+            matches!(
+                &r.event,
+                Event::GatewayRefused { peer, code, cause }
+                    if code == "0x80070005"
+                        && peer.starts_with("hv3$@")
+                        && cause.contains("peer_hosts: hv1")
+            )
+        });
+        if logged {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "hv2 logged no refusal of hv3: {refused:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 
     // A host principal gets no control channel, peer or not.
     for host in ["hv1", "hv3"] {
