@@ -29,6 +29,7 @@ use vmgate_migrate::engine::{
     incompatibility, send_vm,
 };
 use vmgate_migrate::storage::local::release_files;
+use vmgate_migrate::storage::users::NeededFiles;
 use vmgate_migrate::vm::{Vm, VmConfig, VmOptions};
 
 /// One move at a time: they are heavy, and a `qemu-img` forked by another test would hold
@@ -95,6 +96,7 @@ fn storage(target: StorageTarget, keep_source: bool) -> MoveOptions {
         storage: Some(StorageOptions {
             target,
             keep_source,
+            users: None,
         }),
         ..MoveOptions::default()
     }
@@ -280,9 +282,9 @@ fn qcow2_chain_moves_and_a_second_vm_reuses_the_parents() {
     drop((d1, d2));
 
     // Both source VMs are gone: the parents can go (kept when asked).
-    let kept = release_files(&s2.source_parents, true);
+    let kept = release_files(&s2.source_parents, true, "chain2", &NeededFiles::new());
     assert!(kept.iter().all(|f| !f.deleted) && base.exists());
-    let released = release_files(&s1.source_parents, false);
+    let released = release_files(&s1.source_parents, false, "chain1", &NeededFiles::new());
     assert!(released.iter().all(|f| f.deleted), "{released:?}");
 
     for top in ["top1.qcow2", "top2.qcow2"] {
