@@ -230,7 +230,7 @@ fn open_layer(
         },
         source => DiskError::Confine {
             path: path.to_path_buf(),
-            source,
+            source: Box::new(source),
         },
     })
 }

@@ -191,7 +191,7 @@ pub enum DiskError {
         path: PathBuf,
         /// The cause.
         #[source]
-        source: crate::storage::paths::StoragePathError,
+        source: Box<crate::storage::paths::StoragePathError>,
     },
     /// A backing reference that is not a plain local file.
     #[error("disk image {} names its backing file as {name:?}, which is not a local file path", .image.display())]

@@ -1003,12 +1003,12 @@ impl Session {
         // Every disk path, and for shared storage every backing file too, inside this host's
         // storage roots; the VM opens its disks beneath them.
         let checked = if storage {
-            check_paths(&opts.storage_roots, &config)
+            check_paths(&opts.storage_roots, &config).map(Some)
         } else {
             check_shared(&opts.storage_roots, &config)
         };
         let roots = match checked {
-            Ok(r) => Some(r),
+            Ok(r) => r,
             Err(problems) => {
                 report.extend(problems.into_iter().map(|(id, p)| Incompatibility {
                     id,

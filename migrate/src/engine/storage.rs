@@ -96,7 +96,7 @@ pub enum StorageError {
         index: usize,
         /// The cause.
         #[source]
-        source: PlanError,
+        source: Box<PlanError>,
     },
     /// A layer's file name cannot be sent.
     #[error("{} has no UTF-8 file name", .path.display())]
@@ -133,7 +133,7 @@ pub enum StorageError {
         layer: u32,
         /// The cause.
         #[source]
-        source: MirrorError,
+        source: Box<MirrorError>,
     },
     /// A disk the configuration does not have.
     #[error("disk {disk} is not in the configuration")]
@@ -182,7 +182,7 @@ pub enum StorageError {
         path: PathBuf,
         /// The cause.
         #[source]
-        source: PlanError,
+        source: Box<PlanError>,
     },
     /// A layer that was not announced.
     #[error("disk {disk} layer {layer} was not announced")]
@@ -368,8 +368,10 @@ impl SourceStorage {
             let chain = DiskChain {
                 layers: disk.layers().to_vec(),
             };
-            let plan = describe_chain(&chain, cancel)
-                .map_err(|source| StorageError::Describe { index, source })?;
+            let plan = describe_chain(&chain, cancel).map_err(|source| StorageError::Describe {
+                index,
+                source: Box::new(source),
+            })?;
             disks.push(SourceDisk {
                 index: u32::try_from(index).map_err(|_| StorageError::TooManyDisks)?,
                 disk,
@@ -461,7 +463,7 @@ impl SourceStorage {
                     |source| StorageError::Copy {
                         disk: d.index,
                         layer: l.layer,
-                        source,
+                        source: Box::new(source),
                     },
                 )?;
                 sink.end()?;
@@ -480,7 +482,7 @@ impl SourceStorage {
             let copy_err = |source| StorageError::Copy {
                 disk: d.index,
                 layer,
-                source,
+                source: Box::new(source),
             };
             let mut m =
                 Mirror::new(Arc::clone(&d.disk), MirrorOptions::default()).map_err(copy_err)?;
@@ -516,7 +518,7 @@ impl SourceStorage {
             r.map_err(|source| StorageError::Copy {
                 disk: d.index,
                 layer,
-                source,
+                source: Box::new(source),
             })?;
             sink.end()?;
         }
@@ -875,7 +877,7 @@ impl DestStorage {
         let place = |source| StorageError::Place {
             disk: l.disk,
             path: d.target.clone(),
-            source,
+            source: Box::new(source),
         };
         let source = SourcePlan {
             layers: d.announced.clone(),
@@ -919,7 +921,7 @@ impl DestStorage {
             let place = |source| StorageError::Place {
                 disk,
                 path: d.target.clone(),
-                source,
+                source: Box::new(source),
             };
             for dl in &plan.layers {
                 match dl.action {
@@ -1038,7 +1040,7 @@ impl DestStorage {
             let place = |source| StorageError::Place {
                 disk,
                 path: d.target.clone(),
-                source,
+                source: Box::new(source),
             };
             commit_file(folder, &active.partial, &active.path, &mut self.cleanup).map_err(place)?;
             wait_unlocked(&self.roots, &active.path, active.format).map_err(place)?;
@@ -1126,12 +1128,15 @@ pub(crate) fn check_paths(
 /// switchover, so a file here that nobody has open is a different file (a local copy, or
 /// storage that is not shared): [`incompatibility::SHARED_STORAGE`]. A path or a backing
 /// reference that leads outside the roots: [`incompatibility::STORAGE`]. The messages name the
-/// disk, never what a file holds.
+/// disk, never what a file holds. A VM without disks needs no roots (`None`).
 pub(crate) fn check_shared(
     roots: &[PathBuf],
     config: &VmConfig,
-) -> Result<StorageRoots, Vec<(u32, String)>> {
+) -> Result<Option<StorageRoots>, Vec<(u32, String)>> {
     let fix = "move the VM with its storage (--include-storage), or make the storage shared";
+    if config.disks.is_empty() {
+        return Ok(None);
+    }
     let roots = open_roots(roots, " that holds the shared storage")?;
     let mut out = Vec::new();
     for (index, d) in config.disks.iter().enumerate() {
@@ -1139,9 +1144,14 @@ pub(crate) fn check_shared(
         let file = match roots.open_beneath(&d.path, false) {
             Ok(f) => f,
             Err(e) if e.is_outside() => {
+                let e = DiskError::OutsideRoots {
+                    disk: d.path.clone(),
+                    layer: 0,
+                    roots: roots.list(),
+                };
                 out.push((
                     incompatibility::STORAGE,
-                    format!("disk {index} ({path}): {}", super::wire::chain(&e)),
+                    format!("disk {index} ({path}): {e}"),
                 ));
                 continue;
             }
@@ -1204,7 +1214,11 @@ pub(crate) fn check_shared(
             )),
         }
     }
-    if out.is_empty() { Ok(roots) } else { Err(out) }
+    if out.is_empty() {
+        Ok(Some(roots))
+    } else {
+        Err(out)
+    }
 }
 
 #[cfg(test)]

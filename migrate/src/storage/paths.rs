@@ -219,6 +219,9 @@ impl fmt::Display for RootList {
     }
 }
 
+/// A folder a move created: the folder it was created in, and its name there.
+pub type CreatedFolder = (Arc<Folder>, OsString);
+
 /// One root: where it really is, as configured, and held open.
 #[derive(Debug)]
 struct Root {
@@ -421,7 +424,7 @@ impl StorageRoots {
     pub fn create_folders(
         &self,
         folder: &Path,
-    ) -> Result<(Folder, Vec<(Arc<Folder>, OsString)>), StoragePathError> {
+    ) -> Result<(Folder, Vec<CreatedFolder>), StoragePathError> {
         self.check_lexical(folder)?;
         let (root, rest) = self.locate(folder)?;
         let mut here = root

@@ -815,12 +815,12 @@ fn check_announced(layer: &DestLayer, file: &File) -> Result<(), PlanError> {
                     "its header names another backing file than the one announced",
                 ));
             }
-            let format_ok = match (header.backing_format.as_deref(), layer.backing_format) {
-                (None, _) => true,
-                (Some("qcow2"), Some(DiskFormat::Qcow2)) => true,
-                (Some("raw" | "file"), Some(DiskFormat::Raw)) => true,
-                _ => false,
-            };
+            let format_ok = matches!(
+                (header.backing_format.as_deref(), layer.backing_format),
+                (None, _)
+                    | (Some("qcow2"), Some(DiskFormat::Qcow2))
+                    | (Some("raw" | "file"), Some(DiskFormat::Raw))
+            );
             if !format_ok {
                 return Err(refuse(
                     "its header names another backing format than the one announced",
