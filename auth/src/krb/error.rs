@@ -83,6 +83,7 @@ pub mod code {
     pub const PREAUTH_FAILED: i32 = -1_765_328_174;
     pub const REALM_CANT_RESOLVE: i32 = -1_765_328_164;
     pub const KT_KVNONOTFOUND: i32 = -1_765_328_154;
+    pub const CONFIG_NODEFREALM: i32 = -1_765_328_160;
 }
 
 impl GssStatus {
@@ -149,6 +150,7 @@ pub fn krb5_code_name(c: i32) -> Option<&'static str> {
         PREAUTH_FAILED => "KRB5_PREAUTH_FAILED",
         REALM_CANT_RESOLVE => "KRB5_REALM_CANT_RESOLVE",
         KT_KVNONOTFOUND => "KRB5_KT_KVNONOTFOUND",
+        CONFIG_NODEFREALM => "KRB5_CONFIG_NODEFREALM",
         _ => return None,
     })
 }
@@ -225,6 +227,9 @@ pub enum KrbError {
     /// The peer's token loop did not end.
     #[error("the Kerberos exchange did not finish after {0} round trips")]
     TooManySteps(usize),
+    /// A libkrb5 call failed (configuration, initial tickets, kpasswd, key derivation).
+    #[error(transparent)]
+    Krb5(#[from] super::libkrb5::Krb5Error),
     /// A private credential cache could not be made.
     #[error("could not create a private credential cache in {dir}")]
     CcacheDir {
@@ -241,6 +246,15 @@ impl KrbError {
     pub fn status(&self) -> Option<&GssStatus> {
         match self {
             KrbError::Gss { status, .. } => Some(status),
+            _ => None,
+        }
+    }
+
+    /// The krb5 (com_err) code behind the error, from GSSAPI's minor status or from libkrb5.
+    pub fn krb5_code(&self) -> Option<i32> {
+        match self {
+            KrbError::Gss { status, .. } => Some(status.krb5_code()),
+            KrbError::Krb5(e) => Some(e.code),
             _ => None,
         }
     }

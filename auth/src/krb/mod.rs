@@ -31,6 +31,8 @@ pub mod ccache;
 pub mod diagnose;
 pub mod error;
 pub mod keytab;
+pub mod libkrb5;
+pub mod refresh;
 
 use std::ffi::{CString, c_void};
 use std::fmt;
