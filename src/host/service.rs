@@ -104,7 +104,10 @@ impl Service {
             Err(e) => return Err(format!("cannot read {}: {e}", saved.display())),
         }
         let filter = config.migration.network_filter();
-        let vms = Vms::new(config.state_dir.join("consoles"));
+        let vms = Vms::new(
+            config.state_dir.join("consoles"),
+            config.storage_roots.clone(),
+        );
         Ok(Service {
             migration: Arc::new(RwLock::new(config.migration.clone())),
             filter: Arc::new(RwLock::new(filter)),
@@ -238,7 +241,11 @@ impl Service {
             Err(e) => return Response::error(ErrorCode::BadRequest, e),
         };
         let mut options = self.move_options(&switch_map);
-        options.storage = storage;
+        // The inventory keeps files other VMs need from being deleted after the move.
+        options.storage = storage.map(|s| StorageOptions {
+            users: Some(Arc::new(self.vms.clone())),
+            ..s
+        });
         let req = MoveRequest {
             vm: &spec.vm,
             to,
@@ -768,6 +775,7 @@ impl Service {
             roots: &roots,
             options: LocalMoveOptions {
                 keep_source: spec.keep_source,
+                users: Some(Arc::new(self.vms.clone())),
                 ..LocalMoveOptions::default()
             },
             limiter: limiter.as_ref(),
@@ -1390,6 +1398,7 @@ pub fn storage_options(spec: &MoveSpec) -> Result<Option<StorageOptions>, String
     Ok(Some(StorageOptions {
         target,
         keep_source: spec.keep_source,
+        users: None,
     }))
 }
 

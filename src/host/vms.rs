@@ -20,6 +20,8 @@ use vmgate_migrate::engine::{
     CancelToken, Dialer, Link, MoveError, MoveOptions, MoveStats, Progress, compare_vm, send_vm,
 };
 use vmgate_migrate::storage::local::release_files;
+use vmgate_migrate::storage::paths::StorageRoots;
+use vmgate_migrate::storage::users::{DiskUsers, NeededFiles};
 use vmgate_migrate::vm::check::check_vm;
 use vmgate_migrate::vm::{Vm, VmConfig, VmOptions};
 
@@ -41,11 +43,13 @@ pub struct HostedVm {
     pub moving: bool,
 }
 
-/// The VMs of this host, by unique name, and where their console logs go.
+/// The VMs of this host, by unique name, where their console logs go, and the storage roots
+/// their disks must be in.
 #[derive(Debug, Clone)]
 pub struct Vms {
     list: Arc<Mutex<Vec<HostedVm>>>,
     console_dir: PathBuf,
+    storage_roots: Vec<PathBuf>,
 }
 
 /// Why a VM operation failed.
@@ -74,12 +78,24 @@ fn not_found(name: &str) -> VmOpError {
 }
 
 impl Vms {
-    /// No VMs yet; console logs go to `console_dir`.
-    pub fn new(console_dir: PathBuf) -> Vms {
+    /// No VMs yet; console logs go to `console_dir`; disks are opened beneath
+    /// `storage_roots`.
+    pub fn new(console_dir: PathBuf, storage_roots: Vec<PathBuf>) -> Vms {
         Vms {
             list: Arc::default(),
             console_dir,
+            storage_roots,
         }
+    }
+
+    /// The storage roots, open (a VM's disks are opened beneath them).
+    fn roots(&self) -> Result<StorageRoots, VmOpError> {
+        StorageRoots::new(&self.storage_roots).map_err(|e| {
+            VmOpError::Refused(format!(
+                "this host cannot open VM disks: {}",
+                crate::daemon::spn_check::chain(&e)
+            ))
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<HostedVm>> {
@@ -97,6 +113,7 @@ impl Vms {
         let _ = std::fs::create_dir_all(&self.console_dir);
         VmOptions {
             console_log: Some(self.console_path(name)),
+            ..VmOptions::default()
         }
     }
 
@@ -229,6 +246,18 @@ impl Vms {
                 "a VM named \"{name}\" already exists on this host"
             )));
         }
+        // Every disk and backing file inside the storage roots (checked here for a clear
+        // refusal; the VM then opens them beneath the roots).
+        let roots = self.roots()?;
+        for (i, spec) in config.disks.iter().enumerate() {
+            if let Err(e) = vmgate_migrate::disk::chain_in(spec, &roots) {
+                return Err(VmOpError::Refused(format!(
+                    "disk {i} of {name} ({}) cannot be used: {}",
+                    spec.path.display(),
+                    crate::daemon::spn_check::chain(&e)
+                )));
+            }
+        }
         let vm = self.boot(config)?;
         self.add(vm, "created here".into())
             .map_err(VmOpError::Refused)?;
@@ -239,8 +268,10 @@ impl Vms {
         std::fs::create_dir_all(&self.console_dir).map_err(|e| {
             VmOpError::Failed(format!("cannot create {}: {e}", self.console_dir.display()))
         })?;
-        let options = self.options_for(&config.name);
-        let vm = Vm::create(config, &options).map_err(|e| VmOpError::Failed(e.to_string()))?;
+        let mut options = self.options_for(&config.name);
+        options.storage_roots = Some(self.roots()?);
+        let vm = Vm::create(config, &options)
+            .map_err(|e| VmOpError::Failed(crate::daemon::spn_check::chain(&e)))?;
         vm.resume().map_err(|e| VmOpError::Failed(e.to_string()))?;
         Ok(vm)
     }
@@ -388,6 +419,36 @@ impl Vms {
             .map_err(|e| VmOpError::Failed(e.to_string()))?;
         let next = from + u64::try_from(buf.len()).unwrap_or(0);
         Ok((String::from_utf8_lossy(&buf).into_owned(), next))
+    }
+}
+
+/// The inventory's disks, for moves that delete old files: every file in the chain of every
+/// disk of every VM here, running (its open disks) or off (its definition).
+impl DiskUsers for Vms {
+    fn needed_files(&self) -> NeededFiles {
+        let vms: Vec<(VmConfig, Option<Arc<Vm>>)> = self
+            .lock()
+            .iter()
+            .map(|h| (h.config.clone(), h.vm.clone()))
+            .collect();
+        let mut out = NeededFiles::new();
+        for (config, vm) in vms {
+            match vm {
+                Some(vm) => {
+                    for i in 0..vm.disk_specs().len() {
+                        if let Some(d) = vm.disk(i) {
+                            out.add_layers(&config.name, d.layers());
+                        }
+                    }
+                }
+                None => {
+                    for spec in &config.disks {
+                        out.add_chain(&config.name, spec);
+                    }
+                }
+            }
+        }
+        out
     }
 }
 
@@ -676,7 +737,7 @@ pub fn move_vm(
         if let Ok(vm) = Arc::try_unwrap(vm) {
             vm.shutdown();
         }
-        release_files(&stats.source_parents, storage.keep_source);
+        release_files(&stats.source_parents, storage.keep_source, req.vm, vms);
     }
     outcome.result = result;
     (outcome, report)
