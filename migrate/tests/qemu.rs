@@ -401,3 +401,39 @@ async fn refused_definitions_name_the_field_and_start_nothing() {
         "a QEMU for the refused VM runs"
     );
 }
+
+/// A VM cannot be started twice, and a second QEMU on an image another QEMU writes is refused
+/// with QEMU's own reason (its image locking), leaving the first one untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_start_and_a_second_writer_are_refused() {
+    let t = TestHost::new(vec![]).await;
+    t.qcow2("linux/disk.qcow2", "64M");
+    let vm = t.validate(&linux_toml("first", Some("linux/disk.qcow2"), false, ""));
+    let h = t.start(&vm, StartMode::Paused).await;
+    assert_eq!(h.state().await, VmState::Paused);
+
+    let e = QemuVm::start(&t.host, &vm, StartMode::Run)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, vmgate_migrate::qemu::QemuError::AlreadyRunning { pid, .. } if pid == h.pid()),
+        "{}",
+        chain(&e)
+    );
+
+    let other = t.validate(&linux_toml("second", Some("linux/disk.qcow2"), false, ""));
+    let e = QemuVm::start(&t.host, &other, StartMode::Run)
+        .await
+        .unwrap_err();
+    let text = chain(&e);
+    assert!(
+        matches!(e, vmgate_migrate::qemu::QemuError::StartFailed { .. }),
+        "{text}"
+    );
+    eprintln!("refused as: {text}");
+    assert!(text.contains("QEMU did not start"), "{text}");
+    assert!(text.contains("lock"), "QEMU's reason is missing: {text}");
+    // The first one is unharmed.
+    assert_eq!(h.state().await, VmState::Paused);
+    assert_eq!(h.power_off().await.unwrap().kind, ExitKind::PoweredOff);
+}

@@ -1,14 +1,21 @@
 //! What the live moves of QEMU guests (the next issues) will rely on, checked against the
 //! installed QEMU through this backend's QMP layer: a destination started with
-//! `-incoming defer` (and `-S`), memory moved with multifd over UNIX sockets only, the disk
+//! `-incoming defer` (and `-S`), memory moved with multifd over UNIX sockets only (through a
+//! relay of ours, which sees the main stream and one connection per channel), the disk
 //! copied by a block mirror into the destination's NBD export on a UNIX socket, the mirror
 //! finished without pivoting, the destination resumed, and its MAC announced. The guest keeps
 //! its boot id and uptime, and its own checks (memory pattern, and the disk sequence read back
-//! from the destination's copy) pass there.
+//! from the destination's copy) pass there, and a TCP connection opened before the move still
+//! answers after it.
 
 mod qemu_common;
 
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+
+use tokio::net::{UnixListener, UnixStream};
 
 use qapi::qmp;
 use qemu_common::*;
@@ -46,6 +53,20 @@ async fn set_multifd(vm: &QemuVm, channels: u8) {
         }))
         .await
         .expect("migrate-set-parameters");
+}
+
+/// Carries every connection made to `listener` to `target` (what vmgated will do over its
+/// authenticated channels), counting them.
+async fn relay(listener: UnixListener, target: PathBuf, count: Arc<AtomicUsize>) {
+    while let Ok((mut a, _)) = listener.accept().await {
+        count.fetch_add(1, Ordering::SeqCst);
+        let target = target.clone();
+        tokio::spawn(async move {
+            if let Ok(mut b) = UnixStream::connect(&target).await {
+                let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+            }
+        });
+    }
 }
 
 /// Waits for the block job to be ready (its first full pass done).
@@ -109,6 +130,14 @@ async fn multifd_over_unix_sockets_with_a_block_mirror_to_nbd_moves_the_guest() 
     let src = t.start(&src_vm, StartMode::Run).await;
     wait_for_text(&t.console("mig-src"), READY_MARKER, 1, BOOT_TIMEOUT).await;
     let before = src.guest_status().await.unwrap();
+    // A connection to the guest opened before the move.
+    let mut conn = switch
+        .connect_echo(Duration::from_secs(60))
+        .expect("echo connection");
+    assert_eq!(
+        echo_on(&mut conn, "before the move").unwrap(),
+        "before the move"
+    );
 
     let dst = t.start(&dst_vm, StartMode::Incoming).await;
     assert_eq!(dst.state().await, VmState::Incoming);
@@ -116,6 +145,14 @@ async fn multifd_over_unix_sockets_with_a_block_mirror_to_nbd_moves_the_guest() 
     std::fs::create_dir_all(&sockets).unwrap();
     let nbd = sockets.join("nbd.sock");
     let mig = sockets.join("mig.sock");
+    // The source migrates to a socket of ours, relayed to the destination's.
+    let relayed = sockets.join("relay.sock");
+    let connections = Arc::new(AtomicUsize::new(0));
+    tokio::spawn(relay(
+        UnixListener::bind(&relayed).unwrap(),
+        mig.clone(),
+        Arc::clone(&connections),
+    ));
 
     // Destination: an NBD server on a UNIX socket, exporting its (empty) disk writable.
     dst.qmp()
@@ -214,7 +251,7 @@ async fn multifd_over_unix_sockets_with_a_block_mirror_to_nbd_moves_the_guest() 
             channels: None,
             detach: None,
             resume: None,
-            uri: Some(format!("unix:{}", mig.display())),
+            uri: Some(format!("unix:{}", relayed.display())),
         })
         .await
         .expect("migrate unix:");
@@ -224,6 +261,8 @@ async fn multifd_over_unix_sockets_with_a_block_mirror_to_nbd_moves_the_guest() 
         started.elapsed().as_secs_f32()
     );
     assert_eq!(src.state().await, VmState::Migrated);
+    // The main stream and one connection per multifd channel, all to the same socket.
+    assert_eq!(connections.load(Ordering::SeqCst), 1 + 2);
 
     // The source is paused: finish the mirror without pivoting (the target is in sync), then
     // the destination drops its export and runs the guest.
@@ -245,9 +284,17 @@ async fn multifd_over_unix_sockets_with_a_block_mirror_to_nbd_moves_the_guest() 
         assert!(Instant::now() < deadline, "the mirror did not finish");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // The source lets go of the NBD connection (asynchronously: the destination may still
+    // count it, so the export is removed in hard mode).
+    src.qmp()
+        .execute(qmp::blockdev_del {
+            node_name: "mirror-target".into(),
+        })
+        .await
+        .expect("blockdev-del of the nbd client node");
     dst.qmp()
         .execute(qmp::block_export_del {
-            mode: None,
+            mode: Some(qmp::BlockExportRemoveMode::hard),
             id: "export0".into(),
         })
         .await
@@ -295,10 +342,17 @@ async fn multifd_over_unix_sockets_with_a_block_mirror_to_nbd_moves_the_guest() 
     assert!(after.memory.passes > before.memory.passes);
     let report = dst.guest_check().await.unwrap();
     assert!(report.passed(), "checks on the destination: {report:?}");
-    let reply = switch
-        .echo("after the move", Duration::from_secs(30))
-        .unwrap();
+    // The connection opened before the move still answers (the MAC was announced on the
+    // switch), and new ones too.
+    let reply = tokio::task::spawn_blocking(move || echo_on(&mut conn, "after the move"))
+        .await
+        .unwrap()
+        .expect("the old connection answers");
     assert_eq!(reply, "after the move");
+    let reply = switch
+        .echo("a new connection", Duration::from_secs(30))
+        .unwrap();
+    assert_eq!(reply, "a new connection");
 
     assert_eq!(src.power_off().await.unwrap().kind, ExitKind::PoweredOff);
     assert_eq!(dst.power_off().await.unwrap().kind, ExitKind::PoweredOff);
@@ -308,4 +362,67 @@ async fn multifd_over_unix_sockets_with_a_block_mirror_to_nbd_moves_the_guest() 
         &["check", t.root.join("linux/dst.qcow2").to_str().unwrap()],
     );
     assert!(check.contains("No errors were found"), "{check}");
+}
+
+/// Shared storage: the destination QEMU opens the very image the source writes (inactive until
+/// the move completes), a third QEMU is refused as a second writer before and after the move,
+/// and the guest's disk check passes on the destination.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_storage_is_handed_over_by_qemus_image_locking() {
+    let t = TestHost::new(vec![]).await;
+    t.qcow2("linux/shared.qcow2", "64M");
+    let src_vm = t.validate(&linux_toml("sh-src", Some("linux/shared.qcow2"), false, ""));
+    let dst_vm = t.validate(&linux_toml("sh-dst", Some("linux/shared.qcow2"), false, ""));
+    let intruder = t.validate(&linux_toml("sh-3rd", Some("linux/shared.qcow2"), false, ""));
+    let src = t.start(&src_vm, StartMode::Run).await;
+    wait_for_text(&t.console("sh-src"), READY_MARKER, 1, BOOT_TIMEOUT).await;
+    let before = src.guest_status().await.unwrap();
+
+    let dst = t.start(&dst_vm, StartMode::Incoming).await;
+    let second_writer = |when: &str, e: vmgate_migrate::qemu::QemuError| {
+        let text = chain(&e);
+        assert!(text.contains("lock"), "{when}: {text}");
+    };
+    second_writer(
+        "before the move",
+        QemuVm::start(&t.host, &intruder, StartMode::Paused)
+            .await
+            .unwrap_err(),
+    );
+
+    let mig = t.tmp.path().join("shared-mig.sock");
+    dst.qmp()
+        .execute(qmp::migrate_incoming {
+            channels: None,
+            exit_on_error: None,
+            uri: Some(format!("unix:{}", mig.display())),
+        })
+        .await
+        .unwrap();
+    src.qmp()
+        .execute(qmp::migrate {
+            channels: None,
+            detach: None,
+            resume: None,
+            uri: Some(format!("unix:{}", mig.display())),
+        })
+        .await
+        .unwrap();
+    wait_migration(&src, qmp::MigrationStatus::completed).await;
+    dst.resume().await.unwrap();
+    second_writer(
+        "after the move",
+        QemuVm::start(&t.host, &intruder, StartMode::Paused)
+            .await
+            .unwrap_err(),
+    );
+
+    let after = dst.guest_status().await.unwrap();
+    assert_eq!(after.boot_id, before.boot_id);
+    let disk = after.disk.unwrap();
+    assert!(disk.durable_seq >= before.disk.unwrap().durable_seq);
+    let report = dst.guest_check().await.unwrap();
+    assert!(report.passed(), "{report:?}");
+    assert_eq!(src.power_off().await.unwrap().kind, ExitKind::PoweredOff);
+    assert_eq!(dst.power_off().await.unwrap().kind, ExitKind::PoweredOff);
 }

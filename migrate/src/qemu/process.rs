@@ -184,6 +184,24 @@ impl std::fmt::Display for ExitReason {
     }
 }
 
+impl ExitReason {
+    /// What happened, in a few words (no pid, no detail).
+    pub fn summary(&self) -> String {
+        match &self.kind {
+            ExitKind::GuestShutdown => "the guest shut down".into(),
+            ExitKind::GuestPanic => "the guest panicked".into(),
+            ExitKind::PoweredOff => "powered off".into(),
+            ExitKind::Terminated => "terminated by a signal".into(),
+            ExitKind::Killed { signal } => {
+                format!("killed by signal {signal} ({})", signal_name(*signal))
+            }
+            ExitKind::Exited { code } => format!("exited with status {code}"),
+            ExitKind::Vanished => "ended without a shutdown".into(),
+            ExitKind::Unknown => "ended".into(),
+        }
+    }
+}
+
 fn signal_name(signal: i32) -> &'static str {
     match signal {
         libc::SIGKILL => "SIGKILL",

@@ -83,7 +83,7 @@ pub enum QemuError {
         message: String,
     },
     /// QEMU ended while it was being started.
-    #[error("QEMU did not start: {reason} (its log: {log})")]
+    #[error("QEMU did not start ({}): {log}", .reason.summary())]
     StartFailed {
         /// Why it ended.
         reason: ExitReason,

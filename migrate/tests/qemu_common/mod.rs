@@ -100,21 +100,17 @@ impl Switch {
         }
     }
 
-    /// Sends `text` to the guest's echo service from inside the namespace and returns what
-    /// came back; retries the connection until `timeout`.
-    pub fn echo(&self, text: &str, timeout: Duration) -> Result<String, String> {
-        let text = text.to_string();
+    /// A connection to the guest's echo service, opened from inside the namespace (the
+    /// socket stays in that namespace wherever it is used); retries until `timeout`.
+    pub fn connect_echo(&self, timeout: Duration) -> Result<TcpStream, String> {
         in_netns(Some(&self.netns), move || {
             let deadline = Instant::now() + timeout;
             let addr = SocketAddrV4::new(GUEST_IP.parse::<Ipv4Addr>().unwrap(), ECHO_PORT);
             loop {
                 match TcpStream::connect_timeout(&addr.into(), Duration::from_secs(2)) {
-                    Ok(mut s) => {
-                        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-                        s.write_all(text.as_bytes()).map_err(|e| e.to_string())?;
-                        let mut back = vec![0u8; text.len()];
-                        s.read_exact(&mut back).map_err(|e| e.to_string())?;
-                        return Ok(String::from_utf8_lossy(&back).into_owned());
+                    Ok(s) => {
+                        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                        return Ok(s);
                     }
                     Err(e) if Instant::now() > deadline => {
                         return Err(format!("cannot connect to {addr}: {e}"));
@@ -125,6 +121,21 @@ impl Switch {
         })
         .map_err(|e| e.to_string())?
     }
+
+    /// Sends `text` to the guest's echo service on a new connection and returns what came
+    /// back.
+    pub fn echo(&self, text: &str, timeout: Duration) -> Result<String, String> {
+        let mut s = self.connect_echo(timeout)?;
+        echo_on(&mut s, text)
+    }
+}
+
+/// Sends `text` on an echo connection and returns what came back.
+pub fn echo_on(s: &mut TcpStream, text: &str) -> Result<String, String> {
+    s.write_all(text.as_bytes()).map_err(|e| e.to_string())?;
+    let mut back = vec![0u8; text.len()];
+    s.read_exact(&mut back).map_err(|e| e.to_string())?;
+    Ok(String::from_utf8_lossy(&back).into_owned())
 }
 
 impl Drop for Switch {
