@@ -69,7 +69,7 @@ pub struct Switch {
 }
 
 impl Switch {
-    /// Creates it.
+    /// Creates it (with tests/guest/switch, the lab's helper).
     pub fn new() -> Switch {
         static N: AtomicU32 = AtomicU32::new(0);
         let netns = format!(
@@ -77,18 +77,11 @@ impl Switch {
             std::process::id(),
             N.fetch_add(1, Ordering::Relaxed)
         );
-        tool("ip", &["netns", "add", &netns]);
-        let sw = Switch { netns };
-        let ip = |args: &[&str]| {
-            let mut full = vec!["-n", sw.netns.as_str()];
-            full.extend_from_slice(args);
-            tool("ip", &full);
-        };
-        ip(&["link", "set", "lo", "up"]);
-        ip(&["link", "add", "br0", "type", "bridge"]);
-        ip(&["addr", "add", &format!("{BRIDGE_IP}/24"), "dev", "br0"]);
-        ip(&["link", "set", "br0", "up"]);
-        sw
+        tool(
+            SWITCH_SCRIPT,
+            &["up", &netns, "br0", &format!("{BRIDGE_IP}/24")],
+        );
+        Switch { netns }
     }
 
     /// The switch as the host configuration names it.
@@ -140,11 +133,14 @@ pub fn echo_on(s: &mut TcpStream, text: &str) -> Result<String, String> {
 
 impl Drop for Switch {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.netns])
+        let _ = Command::new(SWITCH_SCRIPT)
+            .args(["down", &self.netns])
             .status();
     }
 }
+
+/// The lab's switch helper.
+const SWITCH_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/guest/switch");
 
 /// A host for one test: a storage root and a runtime folder under a temporary folder, the
 /// guest's kernel and initrd copied into the root.
