@@ -31,12 +31,17 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(60);
 /// Most simultaneous echo connections.
 const MAX_ECHO_CONNECTIONS: u64 = 64;
 
-/// Prints a line on the console.
-fn say(line: &str) {
+/// Prints a line on the console as it is.
+fn console(line: &str) {
     let mut out = io::stdout().lock();
     // The console is all we have: if it fails there is nowhere to report that.
-    let _ = writeln!(out, "vmgate-guest: {line}");
+    let _ = writeln!(out, "{line}");
     let _ = out.flush();
+}
+
+/// Prints a message of this program on the console.
+fn say(line: &str) {
+    console(&format!("vmgate-guest: {line}"));
 }
 
 fn main() -> ExitCode {
@@ -89,10 +94,7 @@ fn main() -> ExitCode {
         thread::spawn(move || power_button_watcher(&disk));
     }
 
-    say(&format!(
-        "{} boot_id={boot_id}",
-        &agent::READY_MARKER["vmgate-guest: ".len()..]
-    ));
+    console(&format!("{} boot_id={boot_id}", agent::READY_MARKER));
     let ctx = AgentContext {
         boot_id,
         mem,

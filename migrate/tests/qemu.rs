@@ -384,6 +384,7 @@ async fn refused_definitions_name_the_field_and_start_nothing() {
             .validate(&def)
             .expect_err(&format!("{field} should be refused"));
         let text = e.to_string();
+        eprintln!("refused: {}", chain(&e));
         assert!(
             text.starts_with(&format!("{field}: ")),
             "expected the field {field:?} named: {text}"

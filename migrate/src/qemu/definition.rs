@@ -217,22 +217,41 @@ impl fmt::Display for MacAddress {
 }
 
 /// Errors of a definition. Field errors name the field as written in the TOML
-/// (`disk[0].path`, `nic[1].mac`, ...).
-#[derive(Debug, thiserror::Error)]
+/// (`disk[0].path`, `nic[1].mac`, ...), then what is wrong; the error's source is the cause
+/// of that problem, if it has one (an I/O error), so a chain printer shows each once.
+#[derive(Debug)]
 #[non_exhaustive]
 pub enum DefinitionError {
     /// The text is not a definition (TOML syntax, unknown or missing keys, wrong types); the
     /// parser's message names the key and line.
-    #[error("the VM definition is not valid TOML for a QEMU VM")]
-    Parse(#[source] toml::de::Error),
+    Parse(toml::de::Error),
     /// A field's value is refused.
-    #[error("{field}: {problem}")]
     Field {
         /// The field.
         field: String,
         /// What is wrong with it.
         problem: FieldProblem,
     },
+}
+
+impl fmt::Display for DefinitionError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DefinitionError::Parse(_) => {
+                f.write_str("the VM definition is not valid TOML for a QEMU VM")
+            }
+            DefinitionError::Field { field, problem } => write!(f, "{field}: {problem}"),
+        }
+    }
+}
+
+impl std::error::Error for DefinitionError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            DefinitionError::Parse(e) => Some(e),
+            DefinitionError::Field { problem, .. } => problem.source(),
+        }
+    }
 }
 
 /// What is wrong with a field.
@@ -285,7 +304,7 @@ pub enum FieldProblem {
     ControlCharacter,
     /// An unknown CPU model.
     #[error(
-        "{model:?} is not a CPU model of this QEMU ({qemu}); give a named baseline such as {examples} (list: qemu-system-x86_64 -cpu help)"
+        "{model:?} is not a CPU model of QEMU {qemu}; give a named baseline such as {examples} (list: qemu-system-x86_64 -cpu help)"
     )]
     UnknownCpuModel {
         /// The model.
@@ -295,22 +314,34 @@ pub enum FieldProblem {
         /// Some valid models.
         examples: String,
     },
+    /// A CPU model that depends on the host's processor.
+    #[error(
+        "{model:?} is not a named baseline: it follows the host's processor, so the VM could not keep its CPU on another host; give a named baseline such as {examples}"
+    )]
+    NotABaseline {
+        /// The model.
+        model: String,
+        /// Some valid models.
+        examples: String,
+    },
     /// An unknown machine type.
-    #[error("{machine:?} is not a PC machine type of this QEMU (known: {known})")]
+    #[error(
+        "{machine:?} is not a PC machine type of this QEMU; use {known}, or a versioned type of `qemu-system-x86_64 -machine help`"
+    )]
     UnknownMachine {
         /// The type.
         machine: String,
-        /// What is known (aliases and the newest types).
+        /// The aliases and what they stand for.
         known: String,
     },
     /// KVM is asked for but not there.
     #[error("kvm needs /dev/kvm, which this host does not have; use accel = \"tcg\" or load kvm")]
     KvmUnavailable,
     /// A path is refused.
-    #[error("{0}")]
+    #[error(transparent)]
     Path(PathProblem),
     /// A disk image cannot be read.
-    #[error("{0}")]
+    #[error(transparent)]
     Disk(DiskError),
     /// Two disks use the same file.
     #[error("{} is also used by disk[{other}]", .path.display())]
@@ -553,11 +584,23 @@ impl QemuHost {
                 .map(|m| format!("{m:?}"))
                 .collect::<Vec<_>>()
                 .join(", ");
+            if matches!(def.cpu_model.as_str(), "host" | "max" | "base") {
+                return Err(field(
+                    "cpu_model",
+                    FieldProblem::NotABaseline {
+                        model: def.cpu_model.clone(),
+                        examples,
+                    },
+                ));
+            }
             return Err(field(
                 "cpu_model",
                 FieldProblem::UnknownCpuModel {
                     model: def.cpu_model.clone(),
-                    qemu: self.caps.version.to_string(),
+                    qemu: format!(
+                        "{}.{}.{}",
+                        self.caps.version.major, self.caps.version.minor, self.caps.version.micro
+                    ),
                     examples,
                 },
             ));
@@ -567,19 +610,13 @@ impl QemuHost {
         }
         let machine = def.machine.as_deref().unwrap_or("q35");
         let Some(machine_type) = self.caps.machines.get(machine).cloned() else {
+            // The aliases (q35, pc) and what they stand for.
             let known = self
                 .caps
                 .machines
                 .iter()
-                .filter(|(k, v)| {
-                    k != v
-                        || !self
-                            .caps
-                            .machines
-                            .values()
-                            .any(|t| t > *v && same_family(t, v))
-                })
-                .map(|(k, _)| k.as_str())
+                .filter(|(alias, target)| alias != target)
+                .map(|(alias, target)| format!("{alias} ({target})"))
                 .collect::<Vec<_>>()
                 .join(", ");
             return Err(field(
@@ -809,12 +846,6 @@ impl QemuHost {
         }
         Ok(out)
     }
-}
-
-/// Whether two versioned machine types are of one family (`pc-q35-*` or `pc-i440fx-*`).
-fn same_family(a: &str, b: &str) -> bool {
-    let family = |t: &str| t.rsplit_once('-').map(|(f, _)| f.to_string());
-    family(a) == family(b)
 }
 
 #[cfg(test)]

@@ -264,10 +264,7 @@ impl QemuVm {
         })
         .await
         .map_err(|e| {
-            QemuError::Nic(NetError::Tap {
-                switch: String::new(),
-                source: io::Error::other(e),
-            })
+            runtime(&paths.dir)(io::Error::other(format!("creating the taps failed: {e}")))
         })??;
         let fds: Vec<RawFd> = taps.iter().map(|t| t.fd.as_raw_fd()).collect();
         let args = command_line(vm, &paths, &fds, mode);
@@ -280,12 +277,21 @@ impl QemuVm {
         })?;
         // QEMU has its own copies of the taps now.
         drop(taps);
+        let mut child = child;
         let pid = child.id().unwrap_or(0);
+        let pidfd = match PidFd::open(pid) {
+            Ok(p) => p,
+            Err(source) => {
+                // Without a way to watch it, it must not run.
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                return Err(QemuError::Spawn {
+                    binary: host.qemu_binary().to_path_buf(),
+                    source,
+                });
+            }
+        };
         let mut waiter = Waiter::Child(child);
-        let pidfd = PidFd::open(pid).map_err(|source| QemuError::Spawn {
-            binary: host.qemu_binary().to_path_buf(),
-            source,
-        })?;
         tracing::info!(vm = %name, pid, ?mode, "QEMU started");
 
         if let Some(slice) = process::scope_slice(host) {
