@@ -31,7 +31,7 @@ use vmgate::daemon::{Daemon, notify_ready};
 use vmgate::host::server::{Admission, HostIdentity, server_settings};
 use vmgate::host::service::Service;
 use vmgate::host::stream_link;
-use vmgate_auth::channel::{Gateway, Purpose};
+use vmgate_auth::channel::{ChannelError, Gateway, Purpose};
 use vmgate_migrate::engine::{Destination, Received};
 
 /// Exit code: the daemon could not start.
@@ -80,6 +80,7 @@ fn set_kerberos_environment(config: &Config) {
 fn start_gateway(
     config: &Config,
     service: &Service,
+    events: &vmgate::daemon::events::EventLog,
     settings: vmgate_auth::channel::ServerSettings,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let dest = Arc::new(Destination::new(service.destination_options()));
@@ -89,14 +90,19 @@ fn start_gateway(
         let gw = Gateway::new(settings.clone());
         let dest = Arc::clone(&dest);
         let service = service.clone();
+        let events = events.clone();
         std::thread::Builder::new()
             .name("vmgated-gateway".into())
             .spawn(move || {
                 let served = gw.serve(&listener, move |r| {
-                    let Ok(ch) = r else {
-                        // Refused before the engine (network, Kerberos, authorization): the
-                        // peer got the diagnosis; the gateway logged it.
-                        return;
+                    let ch = match r {
+                        Ok(ch) => ch,
+                        Err(e) => {
+                            // Refused before the engine; the peer got the diagnosis. Refused
+                            // logons (Kerberos, binding, authorization) go to the event log.
+                            log_refusal(&events, &e);
+                            return;
+                        }
                     };
                     let acting = ch.acting();
                     let (stream, peer, _authorized, purpose) = ch.into_parts();
@@ -128,6 +134,25 @@ fn start_gateway(
     Ok(())
 }
 
+/// Logs a refused logon (event 10011): failures of Kerberos (a ticket for another service, no
+/// or a wrong channel binding, ...) and of authorization. Connections that never got as far
+/// (network filter, TLS, timeouts) are not logons.
+fn log_refusal(events: &vmgate::daemon::events::EventLog, e: &ChannelError) {
+    let peer = match e {
+        ChannelError::Denied { peer, .. } | ChannelError::Refused { peer, .. } => peer.clone(),
+        // Kerberos did not authenticate it: the cause names its address where it matters.
+        ChannelError::Auth { .. } => "an unauthenticated client".to_owned(),
+        _ => return,
+    };
+    if let Some(d) = e.diagnosis() {
+        events.emit(Event::GatewayRefused {
+            peer,
+            code: d.code.hex(),
+            cause: d.cause,
+        });
+    }
+}
+
 /// The gateway's settings: the host's identity from its keytab, the admin group, and the
 /// migration networks (shared with `host set`).
 fn gateway_settings(
@@ -144,6 +169,8 @@ fn gateway_settings(
     let admit = Admission {
         principals: Vec::new(),
         groups: vec![cfg.admin_group.clone()],
+        trusted_realms: cfg.trusted_realms.clone(),
+        peer_hosts: cfg.migration.peer_hosts.clone(),
         ldap_url: Some(cfg.directory.url.clone()),
         ldap_ca: cfg.directory.ca_file.clone(),
         networks: vec!["any".into()],
@@ -221,7 +248,7 @@ fn main() -> ExitCode {
         }
     };
     settings.migration_filter = Some(service.migration_filter());
-    if let Err(e) = start_gateway(&daemon.config, &service, settings) {
+    if let Err(e) = start_gateway(&daemon.config, &service, &daemon.events, settings) {
         eprintln!("vmgated: cannot start the gateway: {e}");
         return ExitCode::from(EXIT_START);
     }

@@ -7,10 +7,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::authz::{Authorizer, LdapGroups, LdapSource};
+use crate::authz::{Authorizer, GroupSpec, LdapGroups, LdapSource};
 use crate::channel::ServerSettings;
 use crate::directory::{Bind, DirectoryConfig};
-use crate::krb::{Credential, HostCredentials, KrbError, OpCcache, Principal, UserCredential};
+use crate::krb::{
+    AcceptedServices, Credential, HostCredentials, KrbError, OpCcache, Principal, UserCredential,
+};
 use crate::netfilter::NetworkFilter;
 use crate::spn::Spn;
 use crate::tls::TlsContext;
@@ -30,13 +32,19 @@ pub struct HostIdentity {
     pub ccache_dir: PathBuf,
 }
 
-/// Who may connect.
+/// Who may connect, and for what (see [`crate::authz`]).
 #[derive(Debug, Clone, Default)]
 pub struct Admission {
-    /// Principals allowed.
+    /// Principals allowed (control and migration; hosts only through `peer_hosts`).
     pub principals: Vec<String>,
-    /// AD groups whose (nested) members are allowed.
+    /// AD groups whose (nested) user members are allowed: a DN, a SID, or a name that must
+    /// match exactly one group (an ambiguous name stops [`server_settings`]).
     pub groups: Vec<String>,
+    /// Realms besides the host's own whose principals are accepted (default: none).
+    pub trusted_realms: Vec<String>,
+    /// Hosts (`hv1`) whose computer accounts may open migration channels with their own
+    /// identity (a source in host-identity mode). Hosts never get control channels.
+    pub peer_hosts: Vec<String>,
     /// LDAP URL for the group lookups (`ldap://DC` binds with GSSAPI sealing).
     pub ldap_url: Option<String>,
     /// CA for `ldaps://`.
@@ -45,7 +53,24 @@ pub struct Admission {
     pub networks: Vec<String>,
 }
 
+/// The migration SPNs a host accepts tickets for: the FQDN form and the short form
+/// (`class/hv2.lab.example.test`, `class/hv2`).
+pub fn migration_spns(fqdn_spn: &Spn) -> Vec<Spn> {
+    let mut spns = vec![fqdn_spn.clone()];
+    if let Some((short, _)) = fqdn_spn.host().split_once('.') {
+        if let Ok(s) = Spn::new(fqdn_spn.class(), short) {
+            spns.push(s);
+        }
+    }
+    spns
+}
+
 /// The gateway settings, and the directory used for group lookups (if any).
+///
+/// The admin groups are resolved here, once: a group that does not exist or whose name matches
+/// several groups is an error (naming the candidates' DNs) that stops the caller. A directory
+/// that cannot be reached is not: it is logged and the groups are resolved at the first
+/// lookup.
 pub fn server_settings(
     id: &HostIdentity,
     admit: &Admission,
@@ -75,17 +100,34 @@ pub fn server_settings(
         HostCredentials::new(&id.keytab, account, &id.ccache_dir).map_err(|e| e.to_string())?;
     let filter = NetworkFilter::parse_list(admit.networks.iter().map(String::as_str))
         .map_err(|e| e.to_string())?;
-    let mut authorizer = Authorizer::new(host_name.clone());
+    let mut authorizer = Authorizer::new(host_name.clone(), &id.realm);
+    for r in &admit.trusted_realms {
+        authorizer = authorizer.trust_realm(r);
+    }
     for a in &admit.principals {
         let p = Principal::parse(a, Some(&id.realm)).map_err(|e| e.to_string())?;
         authorizer = authorizer.allow_principal(p);
+    }
+    for h in &admit.peer_hosts {
+        authorizer = authorizer.allow_peer_host(h);
     }
     if !admit.groups.is_empty() {
         let Some(groups) = directory.clone() else {
             return Err("admitting AD groups needs an LDAP URL".into());
         };
         for g in &admit.groups {
-            authorizer = authorizer.allow_group(g.clone(), groups.clone());
+            authorizer = authorizer.allow_group(GroupSpec::parse(g), groups.clone());
+        }
+        match authorizer.resolve_groups() {
+            Ok(resolved) => {
+                for g in resolved {
+                    tracing::info!(group = %g.spec, dn = %g.dn, sid = ?g.sid, "admin group resolved");
+                }
+            }
+            Err(e) if e.is_unreachable() => {
+                tracing::warn!(error = %e, "the admin group could not be resolved yet; it will be at the first logon");
+            }
+            Err(e) => return Err(format!("the admin group cannot be used: {e}")),
         }
     }
     let tls = TlsContext::ephemeral().map_err(|e| e.to_string())?;
@@ -100,7 +142,7 @@ pub fn server_settings(
             handshake_timeout,
             max_handshakes,
             migration_filter: None,
-            service_spn: Some(id.spn.clone()),
+            services: AcceptedServices::new(migration_spns(&id.spn), &id.realm),
         },
         directory,
     ))
@@ -142,9 +184,16 @@ pub struct HostArgs {
     /// A principal allowed to connect (repeatable).
     #[arg(long)]
     pub allow: Vec<String>,
-    /// An AD group whose members may connect (repeatable; needs --ldap-url).
+    /// An AD group whose members may connect: a DN, a SID, or a unique name (repeatable;
+    /// needs --ldap-url).
     #[arg(long)]
     pub allow_group: Vec<String>,
+    /// A realm besides the host's whose principals are accepted (repeatable).
+    #[arg(long)]
+    pub trusted_realm: Vec<String>,
+    /// A host (`hv1`) that may open migration channels as itself (repeatable).
+    #[arg(long)]
+    pub peer_host: Vec<String>,
     /// LDAP URL for group lookups (`ldap://DC` binds with GSSAPI sealing as the host).
     #[arg(long)]
     pub ldap_url: Option<String>,
@@ -185,6 +234,8 @@ impl HostArgs {
             Admission {
                 principals: self.allow,
                 groups: self.allow_group,
+                trusted_realms: self.trusted_realm,
+                peer_hosts: self.peer_host,
                 ldap_url: self.ldap_url,
                 ldap_ca: self.ldap_ca,
                 networks: self.networks,

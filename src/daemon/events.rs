@@ -13,6 +13,7 @@
 //! | 10000 | `daemon.started` | info | the daemon serves its control socket | version, protocol, listen, control_socket |
 //! | 10001 | `daemon.stopping` | info | the daemon stops | reason |
 //! | 10010 | `control.refused` | warning | a local peer was refused on the control socket | uid, pid, reason |
+//! | 10011 | `gateway.refused` | warning | the gateway refused a logon (Kerberos, channel binding, authorization) | peer, code, cause |
 //! | 14050 | `spn.not_registered` | error | a migration SPN is missing and the host could not register it | account, spn, reason, fix |
 //! | 14051 | `spn.registered` | info | the host registered a missing migration SPN on its own account | account, spn |
 //! | 14052 | `spn.ok` | info | both migration SPNs are registered on the host's account | account, spns |
@@ -182,6 +183,19 @@ pub enum Event {
         /// Why.
         reason: String,
     },
+    /// 10011: the gateway refused a logon after TLS: Kerberos failed (a ticket for another
+    /// service, no or wrong channel binding, ...) or the principal is not authorized for what
+    /// it asked (a host asking for a control channel, a host not among the peer hosts, a
+    /// foreign realm, a user outside the admin group).
+    #[serde(rename = "gateway.refused")]
+    GatewayRefused {
+        /// Who: the principal when Kerberos authenticated it, else the address.
+        peer: String,
+        /// The Windows code (`0x80070005`).
+        code: String,
+        /// The cause, as sent to the peer.
+        cause: String,
+    },
     /// 14050: a migration SPN is missing and the host could not register it.
     #[serde(rename = "spn.not_registered")]
     SpnNotRegistered {
@@ -321,6 +335,7 @@ impl Event {
             Event::DaemonStarted { .. } => 10000,
             Event::DaemonStopping { .. } => 10001,
             Event::ControlRefused { .. } => 10010,
+            Event::GatewayRefused { .. } => 10011,
             Event::SpnNotRegistered { .. } => 14050,
             Event::SpnRegistered { .. } => 14051,
             Event::SpnOk { .. } => 14052,
@@ -341,6 +356,7 @@ impl Event {
             Event::DaemonStarted { .. } => "daemon.started",
             Event::DaemonStopping { .. } => "daemon.stopping",
             Event::ControlRefused { .. } => "control.refused",
+            Event::GatewayRefused { .. } => "gateway.refused",
             Event::SpnNotRegistered { .. } => "spn.not_registered",
             Event::SpnRegistered { .. } => "spn.registered",
             Event::SpnOk { .. } => "spn.ok",
@@ -360,6 +376,7 @@ impl Event {
         match self {
             Event::SpnNotRegistered { .. } | Event::MigrationFailed { .. } => Level::Error,
             Event::ControlRefused { .. }
+            | Event::GatewayRefused { .. }
             | Event::SpnUnchecked { .. }
             | Event::MigrationQueued { .. }
             | Event::LongDowntime { .. } => Level::Warning,
@@ -402,6 +419,9 @@ impl Event {
             Event::DaemonStopping { reason } => format!("vmgated is stopping: {reason}"),
             Event::ControlRefused { uid, pid, reason } => {
                 format!("refused a local client (uid {uid}, pid {pid}): {reason}")
+            }
+            Event::GatewayRefused { peer, code, cause } => {
+                format!("refused the logon of {peer}: {code}: {cause}")
             }
             Event::SpnNotRegistered {
                 account,
