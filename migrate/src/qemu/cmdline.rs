@@ -248,72 +248,90 @@ fn blockdevs(disk: usize, d: &ResolvedDisk) -> Vec<BlockdevOptions> {
     for k in (0..n).rev() {
         let layer = &d.layers[k];
         let read_only = k > 0 || d.read_only;
-        let node = layer_node(disk, k);
-        let file_node = format!("{node}-file");
-        let base = |name: String| BlockdevOptionsBase {
-            auto_read_only: None,
-            cache: None,
-            detect_zeroes: None,
-            discard: Some(BlockdevDiscardOptions::unmap),
-            force_share: None,
-            node_name: Some(name),
-            read_only: Some(read_only),
-        };
-        nodes.push(BlockdevOptions::file {
-            base: base(file_node.clone()),
-            file: BlockdevOptionsFile {
-                aio: None,
-                aio_max_batch: None,
-                drop_cache: None,
-                locking: None,
-                pr_manager: None,
-                x_check_cache_dropped: None,
-                filename: layer.path.to_string_lossy().into_owned(),
-            },
-        });
-        let file = BlockdevOptionsGenericFormat {
-            file: BlockdevRef::reference(file_node),
-        };
-        nodes.push(match layer.format {
-            DiskFormat::Raw => BlockdevOptions::raw {
-                base: base(node),
-                raw: BlockdevOptionsRaw {
-                    base: file,
-                    offset: None,
-                    size: None,
-                },
-            },
-            DiskFormat::Qcow2 => BlockdevOptions::qcow2 {
-                base: base(node),
-                qcow2: BlockdevOptionsQcow2 {
-                    base: BlockdevOptionsGenericCOWFormat {
-                        base: file,
-                        // The chain as validated, by node name; `null`: no backing file, even
-                        // if the image names one.
-                        backing: Some(if k + 1 < n {
-                            BlockdevRefOrNull::reference(layer_node(disk, k + 1))
-                        } else {
-                            BlockdevRefOrNull::null(())
-                        }),
-                    },
-                    cache_clean_interval: None,
-                    cache_size: None,
-                    data_file: None,
-                    discard_no_unref: None,
-                    encrypt: None,
-                    l2_cache_entry_size: None,
-                    l2_cache_size: None,
-                    lazy_refcounts: None,
-                    overlap_check: None,
-                    pass_discard_other: None,
-                    pass_discard_request: None,
-                    pass_discard_snapshot: None,
-                    refcount_cache_size: None,
-                },
-            },
-        });
+        // The chain as validated, by node name; `None`: no backing file, even if the image
+        // names one.
+        let backing = (k + 1 < n).then(|| layer_node(disk, k + 1));
+        nodes.extend(layer_nodes(
+            &layer_node(disk, k),
+            &layer.path,
+            layer.format,
+            read_only,
+            backing,
+        ));
     }
     nodes
+}
+
+/// The two nodes of one image: its file node `<node>-file` and its format node `node`, whose
+/// backing (qcow2) is the node named, or none.
+pub(crate) fn layer_nodes(
+    node: &str,
+    path: &std::path::Path,
+    format: DiskFormat,
+    read_only: bool,
+    backing: Option<String>,
+) -> [BlockdevOptions; 2] {
+    let file_node = format!("{node}-file");
+    let base = |name: String| BlockdevOptionsBase {
+        auto_read_only: None,
+        cache: None,
+        detect_zeroes: None,
+        discard: Some(BlockdevDiscardOptions::unmap),
+        force_share: None,
+        node_name: Some(name),
+        read_only: Some(read_only),
+    };
+    let file_opts = BlockdevOptions::file {
+        base: base(file_node.clone()),
+        file: BlockdevOptionsFile {
+            aio: None,
+            aio_max_batch: None,
+            drop_cache: None,
+            locking: None,
+            pr_manager: None,
+            x_check_cache_dropped: None,
+            filename: path.to_string_lossy().into_owned(),
+        },
+    };
+    let file = BlockdevOptionsGenericFormat {
+        file: BlockdevRef::reference(file_node),
+    };
+    let format_opts = match format {
+        DiskFormat::Raw => BlockdevOptions::raw {
+            base: base(node.to_string()),
+            raw: BlockdevOptionsRaw {
+                base: file,
+                offset: None,
+                size: None,
+            },
+        },
+        DiskFormat::Qcow2 => BlockdevOptions::qcow2 {
+            base: base(node.to_string()),
+            qcow2: BlockdevOptionsQcow2 {
+                base: BlockdevOptionsGenericCOWFormat {
+                    base: file,
+                    backing: Some(match backing {
+                        Some(b) => BlockdevRefOrNull::reference(b),
+                        None => BlockdevRefOrNull::null(()),
+                    }),
+                },
+                cache_clean_interval: None,
+                cache_size: None,
+                data_file: None,
+                discard_no_unref: None,
+                encrypt: None,
+                l2_cache_entry_size: None,
+                l2_cache_size: None,
+                lazy_refcounts: None,
+                overlap_check: None,
+                pass_discard_other: None,
+                pass_discard_request: None,
+                pass_discard_snapshot: None,
+                refcount_cache_size: None,
+            },
+        },
+    };
+    [file_opts, format_opts]
 }
 
 #[derive(Serialize)]

@@ -72,7 +72,7 @@ pub enum Backend {
 }
 
 /// The accelerator.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Accel {
     /// Hardware virtualization (real hosts).
@@ -464,6 +464,15 @@ pub struct ResolvedNic {
     pub switch: VirtualSwitch,
 }
 
+/// Whether a definition's disks are checked as files that exist here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DiskCheck {
+    /// They must exist here, with their whole chain beneath the roots.
+    Existing,
+    /// A move brings them: only their number is checked here.
+    Arriving,
+}
+
 /// A definition checked against this host: the only thing [`super::QemuVm::start`] takes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ValidatedVm {
@@ -544,39 +553,74 @@ fn range(
 
 impl QemuHost {
     /// Checks a definition against this host (see the module documentation). Nothing is
-    /// created, started or locked; files are only inspected.
+    /// created, started or locked; files are only inspected. The first problem is returned.
     pub fn validate(&self, def: &QemuVmDefinition) -> Result<ValidatedVm, DefinitionError> {
+        match self.check(def, DiskCheck::Existing) {
+            (_, Some(vm)) => Ok(vm),
+            (mut problems, None) => Err(if problems.is_empty() {
+                field("disk", FieldProblem::Boot("the disks could not be checked"))
+            } else {
+                problems.remove(0)
+            }),
+        }
+    }
+
+    /// Every problem of a definition at once (an incoming move's report), in the order
+    /// [`QemuHost::validate`] checks them. With `disks_arrive`, the disks' files do not exist
+    /// here yet (a move brings them): their paths are left to the move's storage checks and
+    /// only their number is checked here.
+    pub fn problems(&self, def: &QemuVmDefinition, disks_arrive: bool) -> Vec<DefinitionError> {
+        let disks = if disks_arrive {
+            DiskCheck::Arriving
+        } else {
+            DiskCheck::Existing
+        };
+        self.check(def, disks).0
+    }
+
+    /// Every check; the validated VM when nothing is wrong and the disks exist.
+    fn check(
+        &self,
+        def: &QemuVmDefinition,
+        disks: DiskCheck,
+    ) -> (Vec<DefinitionError>, Option<ValidatedVm>) {
+        let mut out: Vec<DefinitionError> = Vec::new();
         if !valid_name(&def.name) {
-            return Err(field("name", FieldProblem::Name(def.name.clone())));
+            out.push(field("name", FieldProblem::Name(def.name.clone())));
+        } else {
+            let longest_socket = self
+                .vm_run_dir(&def.name)
+                .join(super::process::AGENT_SOCKET);
+            if longest_socket.as_os_str().len() > MAX_SOCKET_PATH {
+                out.push(field(
+                    "name",
+                    FieldProblem::SocketPath {
+                        run_dir: self.config.run_dir.clone(),
+                    },
+                ));
+            }
         }
-        let longest_socket = self
-            .vm_run_dir(&def.name)
-            .join(super::process::AGENT_SOCKET);
-        if longest_socket.as_os_str().len() > MAX_SOCKET_PATH {
-            return Err(field(
-                "name",
-                FieldProblem::SocketPath {
-                    run_dir: self.config.run_dir.clone(),
-                },
-            ));
-        }
-        range(
+        let memory_in_range = range(
             "memory_mib",
             def.memory_mib,
             MIN_MEMORY_MIB,
             MAX_MEMORY_MIB,
             " MiB",
-        )?;
-        if def.memory_mib > self.host_memory_mib {
-            return Err(field(
+        );
+        match memory_in_range {
+            Err(e) => out.push(e),
+            Ok(()) if def.memory_mib > self.host_memory_mib => out.push(field(
                 "memory_mib",
                 FieldProblem::MoreThanHost {
                     value: def.memory_mib,
                     host: self.host_memory_mib,
                 },
-            ));
+            )),
+            Ok(()) => {}
         }
-        range("vcpus", u64::from(def.vcpus), 1, u64::from(MAX_VCPUS), "")?;
+        if let Err(e) = range("vcpus", u64::from(def.vcpus), 1, u64::from(MAX_VCPUS), "") {
+            out.push(e);
+        }
         if !self.caps.cpu_models.contains(&def.cpu_model) {
             let examples = ["qemu64", "Skylake-Server", "EPYC"]
                 .iter()
@@ -585,31 +629,35 @@ impl QemuHost {
                 .collect::<Vec<_>>()
                 .join(", ");
             if matches!(def.cpu_model.as_str(), "host" | "max" | "base") {
-                return Err(field(
+                out.push(field(
                     "cpu_model",
                     FieldProblem::NotABaseline {
                         model: def.cpu_model.clone(),
                         examples,
                     },
                 ));
+            } else {
+                out.push(field(
+                    "cpu_model",
+                    FieldProblem::UnknownCpuModel {
+                        model: def.cpu_model.clone(),
+                        qemu: format!(
+                            "{}.{}.{}",
+                            self.caps.version.major,
+                            self.caps.version.minor,
+                            self.caps.version.micro
+                        ),
+                        examples,
+                    },
+                ));
             }
-            return Err(field(
-                "cpu_model",
-                FieldProblem::UnknownCpuModel {
-                    model: def.cpu_model.clone(),
-                    qemu: format!(
-                        "{}.{}.{}",
-                        self.caps.version.major, self.caps.version.minor, self.caps.version.micro
-                    ),
-                    examples,
-                },
-            ));
         }
         if def.accel == Accel::Kvm && !Path::new("/dev/kvm").exists() {
-            return Err(field("accel", FieldProblem::KvmUnavailable));
+            out.push(field("accel", FieldProblem::KvmUnavailable));
         }
         let machine = def.machine.as_deref().unwrap_or("q35");
-        let Some(machine_type) = self.caps.machines.get(machine).cloned() else {
+        let machine_type = self.caps.machines.get(machine).cloned();
+        if machine_type.is_none() {
             // The aliases (q35, pc) and what they stand for.
             let known = self
                 .caps
@@ -619,33 +667,63 @@ impl QemuHost {
                 .map(|(alias, target)| format!("{alias} ({target})"))
                 .collect::<Vec<_>>()
                 .join(", ");
-            return Err(field(
+            out.push(field(
                 "machine",
                 FieldProblem::UnknownMachine {
                     machine: machine.to_string(),
                     known,
                 },
             ));
-        };
+        }
 
-        let disks = self.validate_disks(def)?;
-        let boot = self.validate_boot(def)?;
-        let nics = self.validate_nics(def)?;
-        let serial_log = match &def.serial_log {
-            None => None,
-            Some(p) => Some(
-                self.resolve_user_path(p, Want::MayCreate)
-                    .map_err(|e| field("serial_log", FieldProblem::Path(e)))?,
-            ),
+        let resolved_disks = match disks {
+            DiskCheck::Existing => self.validate_disks(def).map_err(|e| out.push(e)).ok(),
+            DiskCheck::Arriving => {
+                if def.disks.len() > MAX_DISKS {
+                    out.push(field(
+                        "disk",
+                        FieldProblem::TooMany {
+                            count: def.disks.len(),
+                            max: MAX_DISKS,
+                        },
+                    ));
+                }
+                None
+            }
         };
-        Ok(ValidatedVm {
-            definition: def.clone(),
-            machine_type,
-            boot,
-            disks,
-            nics,
-            serial_log,
-        })
+        let boot = self.validate_boot(def).map_err(|e| out.push(e)).ok();
+        let nics = self.validate_nics(def).map_err(|e| out.push(e)).ok();
+        let serial_log = match &def.serial_log {
+            None => Some(None),
+            Some(p) => self
+                .resolve_user_path(p, Want::MayCreate)
+                .map(Some)
+                .map_err(|e| out.push(field("serial_log", FieldProblem::Path(e))))
+                .ok(),
+        };
+        if !out.is_empty() {
+            return (out, None);
+        }
+        let vm = match (machine_type, resolved_disks, boot, nics, serial_log) {
+            (Some(machine_type), Some(disks), Some(boot), Some(nics), Some(serial_log)) => {
+                Some(ValidatedVm {
+                    definition: def.clone(),
+                    machine_type,
+                    boot,
+                    disks,
+                    nics,
+                    serial_log,
+                })
+            }
+            _ => None,
+        };
+        (out, vm)
+    }
+
+    /// A file a move creates, as the user or the source wrote it (relative: to the first
+    /// storage root): beneath the roots, its folder existing, `..` refused.
+    pub(crate) fn resolve_new_file(&self, written: &str) -> Result<PathBuf, PathProblem> {
+        self.resolve_user_path(written, Want::MayCreate)
     }
 
     /// A path as the user wrote it: relative ones are relative to the first storage root.

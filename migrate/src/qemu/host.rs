@@ -2,13 +2,16 @@
 //! go, the storage roots and virtual switches, and what the installed QEMU offers (its
 //! version, CPU models and machine types, read once from the binary itself).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+
+use super::definition::Accel;
 
 use crate::storage::paths::{StoragePathError, StorageRoots};
 
@@ -292,6 +295,9 @@ fn parse_machines(text: &str) -> BTreeMap<String, String> {
     out
 }
 
+/// Per accelerator, per CPU model: the features QEMU cannot provide on this host.
+type CpuGaps = HashMap<Accel, BTreeMap<String, Vec<String>>>;
+
 /// The host as the backend sees it: configuration checked, QEMU probed.
 #[derive(Clone, Debug)]
 pub struct QemuHost {
@@ -301,6 +307,8 @@ pub struct QemuHost {
     pub(crate) caps: QemuCapabilities,
     pub(crate) host_memory_mib: u64,
     pub(crate) scope: ScopeMode,
+    /// What [`QemuHost::cpu_unavailable_features`] learnt (asked once per accelerator).
+    cpu_gaps: Arc<tokio::sync::Mutex<CpuGaps>>,
 }
 
 impl QemuHost {
@@ -364,7 +372,115 @@ impl QemuHost {
             host_memory_mib: host_memory_mib().unwrap_or(u64::MAX),
             scope,
             config,
+            cpu_gaps: Arc::default(),
         })
+    }
+
+    /// The features of CPU model `model` that QEMU cannot give a guest on this host with
+    /// `accel` (QEMU's `query-cpu-definitions` from a short-lived QEMU that runs no guest,
+    /// asked once per accelerator and remembered). Empty: the model runs in full here.
+    pub async fn cpu_unavailable_features(
+        &self,
+        accel: Accel,
+        model: &str,
+    ) -> Result<Vec<String>, HostError> {
+        let mut gaps = self.cpu_gaps.lock().await;
+        if let std::collections::hash_map::Entry::Vacant(e) = gaps.entry(accel) {
+            e.insert(self.probe_cpu_models(accel).await?);
+        }
+        Ok(gaps
+            .get(&accel)
+            .and_then(|m| m.get(model))
+            .cloned()
+            .unwrap_or_default())
+    }
+
+    async fn probe_cpu_models(
+        &self,
+        accel: Accel,
+    ) -> Result<BTreeMap<String, Vec<String>>, HostError> {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let socket = self.config.run_dir.join(format!(
+            ".cpu-{}-{}.sock",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_file(&socket);
+        let args: Vec<String> = vec![
+            "-machine".into(),
+            "none".into(),
+            "-accel".into(),
+            accel.to_string(),
+            "-nodefaults".into(),
+            "-no-user-config".into(),
+            "-display".into(),
+            "none".into(),
+            "-sandbox".into(),
+            super::cmdline::SANDBOX.into(),
+            "-S".into(),
+            "-chardev".into(),
+            format!(
+                "socket,id=qmp,path={},server=on,wait=off",
+                socket.to_string_lossy().replace(',', ",,")
+            ),
+            "-mon".into(),
+            "chardev=qmp,mode=control".into(),
+        ];
+        let failed = |output: String| HostError::QemuOutput {
+            binary: self.qemu_binary.clone(),
+            args: "-machine none (query-cpu-definitions)".into(),
+            output,
+        };
+        let mut child = tokio::process::Command::new(&self.qemu_binary)
+            .args(&args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|source| HostError::RunQemu {
+                binary: self.qemu_binary.clone(),
+                source,
+            })?;
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        let qmp = loop {
+            if socket.exists() {
+                if let Ok(q) =
+                    super::qmp::Qmp::connect(&socket, std::time::Duration::from_secs(10)).await
+                {
+                    break q;
+                }
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                let _ = std::fs::remove_file(&socket);
+                return Err(failed(format!("QEMU ended ({status})")));
+            }
+            if tokio::time::Instant::now() > deadline {
+                let _ = child.start_kill();
+                let _ = std::fs::remove_file(&socket);
+                return Err(failed("its QMP socket did not answer".into()));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        };
+        let defs = qmp.execute(qapi::qmp::query_cpu_definitions {}).await;
+        let _ = qmp.execute(qapi::qmp::quit {}).await;
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), child.wait()).await;
+        let _ = child.start_kill();
+        let _ = std::fs::remove_file(&socket);
+        let defs = defs.map_err(|e| failed(e.to_string()))?;
+        Ok(defs
+            .into_iter()
+            .map(|d| (d.name, d.unavailable_features.unwrap_or_default()))
+            .collect())
+    }
+
+    /// Memory the host can give a new VM now (MemAvailable), MiB.
+    pub fn available_memory_mib(&self) -> Option<u64> {
+        let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+        let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib / 1024)
     }
 
     /// What the installed QEMU offers.

@@ -26,6 +26,7 @@ pub mod agent;
 pub mod cmdline;
 pub mod definition;
 pub mod host;
+pub mod moves;
 pub mod net;
 pub mod paths;
 pub mod process;

@@ -107,6 +107,9 @@ pub struct QmpEvent {
     pub typed: Option<qapi::qmp::Event>,
     /// Its `data` member as sent.
     pub data: Value,
+    /// When QEMU sent it (its `timestamp`), in microseconds since the epoch: what a move
+    /// measures its downtime with (source STOP to destination RESUME).
+    pub timestamp_us: Option<u64>,
 }
 
 type Reply = Result<Value, (String, String)>;
@@ -384,9 +387,19 @@ fn dispatch(shared: &Shared, line: &[u8]) {
     if let Some(Value::String(name)) = msg.get("event") {
         let name = name.clone();
         let data = msg.get("data").cloned().unwrap_or(Value::Null);
+        let timestamp_us = msg.get("timestamp").and_then(|t| {
+            let s = t.get("seconds")?.as_u64()?;
+            let us = t.get("microseconds")?.as_u64()?;
+            s.checked_mul(1_000_000)?.checked_add(us)
+        });
         let typed = serde_json::from_value(Value::Object(msg)).ok();
         // No subscriber is fine.
-        let _ = shared.events.send(QmpEvent { name, typed, data });
+        let _ = shared.events.send(QmpEvent {
+            name,
+            typed,
+            data,
+            timestamp_us,
+        });
         return;
     }
     let Some(id) = msg.get("id").and_then(Value::as_u64) else {
@@ -471,6 +484,7 @@ mod tests {
         let e = events.recv().await.unwrap();
         assert_eq!(e.name, "STOP");
         assert!(matches!(e.typed, Some(qapi::qmp::Event::STOP { .. })));
+        assert_eq!(e.timestamp_us, Some(1_000_002));
         let err = qmp.execute(qapi::qmp::stop {}).await.unwrap_err();
         assert!(
             matches!(&err, QmpError::Command { command: "stop", desc, .. } if desc == "nope"),
