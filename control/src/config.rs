@@ -81,6 +81,36 @@ pub enum ConfigError {
     },
 }
 
+/// A configuration file as read: the configuration, and the keys the file sets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigFile {
+    /// The configuration (defaults filled in).
+    pub config: Config,
+    /// The keys the file sets, dotted (`keytab`, `migration.auth`).
+    pub keys: std::collections::BTreeSet<String>,
+}
+
+impl ConfigFile {
+    /// Whether the file sets `key` (dotted: `migration.auth`).
+    pub fn sets(&self, key: &str) -> bool {
+        self.keys.contains(key)
+    }
+}
+
+fn collect_keys(table: &toml::Table, prefix: &str, out: &mut std::collections::BTreeSet<String>) {
+    for (k, v) in table {
+        let key = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        if let toml::Value::Table(t) = v {
+            collect_keys(t, &key, out);
+        }
+        out.insert(key);
+    }
+}
+
 /// A value of a configuration changed at run time (`host set`) that is not allowed: the key and
 /// what is wrong, as the file's checks say it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -763,6 +793,24 @@ impl Config {
             ),
         })?;
         Config::parse(&text, path)
+    }
+
+    /// Reads and checks a configuration file, and says which keys it sets (the others have
+    /// their defaults): a tool reading another host's file may care which values are that
+    /// host's own.
+    pub fn load_file(path: &Path) -> Result<ConfigFile, ConfigError> {
+        let config = Config::load(path)?;
+        // The file parsed above, so it reads again; a race that changed it gives no keys.
+        let keys = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|t| toml::from_str::<toml::Table>(&t).ok())
+            .map(|t| {
+                let mut keys = std::collections::BTreeSet::new();
+                collect_keys(&t, "", &mut keys);
+                keys
+            })
+            .unwrap_or_default();
+        Ok(ConfigFile { config, keys })
     }
 
     /// Parses and checks a configuration text; `path` only names it in messages.

@@ -626,10 +626,12 @@ fn an_unresolvable_host_fails_and_its_config_resolves_it() {
         &cfg,
         format!(
             "host_name = \"{}\"\nfqdn = \"{}\"\nrealm = \"{}\"\nlisten = [\"127.0.0.22:6601\"]\n\
-             admin_group = \"{GROUP}\"\n[migration]\nauth = \"kerberos\"\n",
+             admin_group = \"{GROUP}\"\n[directory]\nurl = \"{}\"\n\
+             [migration]\nauth = \"kerberos\"\n",
             lab.d.name.to_lowercase(),
             lab.d.fqdn,
-            lab.domain.realm
+            lab.domain.realm,
+            lab.domain.ldap_url
         ),
     )
     .unwrap();

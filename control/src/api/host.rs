@@ -6,6 +6,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 
+/// The migration protocol version this build speaks as a source (the engine's
+/// `ProtocolVersion::CURRENT`; the daemon's tests check that they agree).
+pub const PROTOCOL_VERSION: u16 = 1;
+/// The oldest source protocol version this build accepts as a destination (the engine's
+/// `ProtocolVersion::MIN_SUPPORTED`).
+pub const MIN_PROTOCOL_VERSION: u16 = 1;
+
 /// The daemon's version.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VersionInfo {

@@ -444,11 +444,11 @@ pub struct Context {
     results: Vec<(&'static str, Status)>,
     source_addresses: Vec<SocketAddr>,
     target_addresses: Vec<SocketAddr>,
-    kdc_config: Option<Result<kdc::KdcConfig, String>>,
+    kdc_config: Option<Result<kdc::KdcConfig, kdc::KdcError>>,
     kdc: Option<Result<kdc::KdcTime, kdc::KdcError>>,
     directory: Option<Result<Directory, ConnError>>,
     gathered: Option<Result<Gathered, DelegationError>>,
-    daemon_d: Option<Result<vmgate::daemon::local::HostInfo, String>>,
+    daemon_d: Option<daemon::Asked<vmgate_control::api::host::HostInfo>>,
 }
 
 impl Context {
@@ -488,13 +488,10 @@ impl Context {
     }
 
     /// krb5.conf as MIT reads it (`KRB5_CONFIG`).
-    pub fn kdc_config(&mut self) -> Result<&kdc::KdcConfig, &str> {
+    pub fn kdc_config(&mut self) -> Result<&kdc::KdcConfig, &kdc::KdcError> {
         self.kdc_config
-            .get_or_insert_with(|| {
-                kdc::KdcConfig::load().map_err(|e| crate::output::error_chain(&e))
-            })
+            .get_or_insert_with(kdc::KdcConfig::load)
             .as_ref()
-            .map_err(String::as_str)
     }
 
     /// The realm: `--realm`, the configurations', krb5.conf's default, or the directory's.
@@ -539,7 +536,7 @@ impl Context {
             None => {
                 let config = self.kdc_config().map_err(|e| kdc::KdcError::Config {
                     path: PathBuf::from("krb5.conf"),
-                    source: std::io::Error::other(e.to_owned()),
+                    source: std::io::Error::other(crate::output::error_chain(e)),
                 })?;
                 let values = config.kdcs(&realm);
                 if values.is_empty() {
