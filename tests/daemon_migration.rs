@@ -4,19 +4,16 @@
 //! with its stable ids; a user outside the admin group is refused with E_ACCESSDENIED and the VM
 //! stays at its source. Run through tests/run, or after `eval "$(tests/domain/up)"`.
 
-mod lab_hosts;
-
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use lab_hosts::{Lab, chan};
 use serde_json::Value;
-use vmgate::daemon::events::Event;
-use vmgate::daemon::local::{LocalClient, Request, Response};
-
-const HOST_BIN: &str = env!("CARGO_BIN_EXE_vmgate-host");
+use vmgate_control::api::{Request, Response};
+use vmgate_control::client::LocalClient;
+use vmgate_control::events::Event;
+use vmgate_testkit::lab::{Lab, chan};
 
 /// Runs `vmgate-host send` as `user` to hv2's daemon; returns its final event.
 fn send(dir: &Path, user: &str, name: &str, port: u16) -> Value {
@@ -30,7 +27,7 @@ fn send(dir: &Path, user: &str, name: &str, port: u16) -> Value {
     .unwrap();
     let cc = chan::user_ccache(user, &format!("daemon-{name}"));
     let e = chan::env();
-    let mut child = Command::new(HOST_BIN)
+    let mut child = Command::new(vmgate_testkit::bin("vmgate-host"))
         .args(["send", "--vm"])
         .arg(&vm)
         .args([
@@ -89,7 +86,7 @@ fn a_vm_moves_into_vmgated_and_a_user_outside_the_admin_group_is_refused() {
         assert!(Instant::now() < deadline, "vm_list never listed the VM");
         std::thread::sleep(Duration::from_millis(50));
     };
-    assert_eq!(v.state, "running");
+    assert_eq!(v.state.as_str(), "running");
     assert!(v.origin.contains("alice@"), "{v:?}");
 
     // carol is not in "Hyper-V Administrators": refused before the engine, the VM stays.

@@ -5,8 +5,7 @@
 //!
 //! Run through tests/run, or after `eval "$(tests/domain/up)"`.
 
-#[path = "../tools/tests/common/mod.rs"]
-mod common;
+use vmgate_testkit::domain as common;
 
 use std::ffi::OsStr;
 use std::os::unix::fs::PermissionsExt;

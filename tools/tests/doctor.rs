@@ -11,7 +11,7 @@
 //! no daemon (`--skip-daemon`); the daemon checks are tested with real vmgated hosts in
 //! tests/moves.rs.
 
-mod common;
+use vmgate_testkit::domain as common;
 
 use std::path::{Path, PathBuf};
 

@@ -29,7 +29,6 @@ use serde_json::{Value, json};
 use vmgate::host::server::{server_settings, use_host_keytab_for_ldap};
 use vmgate::host::{ChannelDialer, stream_link};
 use vmgate_auth::channel::{ClientSettings, Gateway};
-use vmgate_auth::host::{CredentialArgs, HostArgs};
 use vmgate_auth::krb::AuthFacts;
 use vmgate_auth::spn::Spn;
 use vmgate_auth::tls::TlsContext;
@@ -40,6 +39,7 @@ use vmgate_migrate::engine::{
 use vmgate_migrate::protocol::{Compression, ProtocolVersion};
 use vmgate_migrate::vm::check::check_vm;
 use vmgate_migrate::vm::{Vm, VmConfig, VmOptions};
+use vmgate_testkit::args::{CredentialArgs, HostArgs};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -166,6 +166,11 @@ fn fail(msg: impl std::fmt::Display) -> ExitCode {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    vmgate_control::logging::init(
+        "vmgate-host",
+        tracing::level_filters::LevelFilter::WARN,
+        vmgate_control::logging::LogArgs::default(),
+    );
     match cli.cmd {
         c @ Cmd::Receive { .. } => receive(c),
         c @ Cmd::Send { .. } => send(c),
@@ -239,7 +244,7 @@ fn receive(cmd: Cmd) -> ExitCode {
         vmgate_auth::channel::DEFAULT_MAX_HANDSHAKES,
     ) {
         Ok(x) => x,
-        Err(e) => return fail(e),
+        Err(e) => return fail(vmgate_control::error::chain(&e)),
     };
     let version = match protocol_version.map(ProtocolVersion::new) {
         None => ProtocolVersion::CURRENT,

@@ -4,8 +4,7 @@
 //!
 //! Needs the test domain: run through `tests/run` (or `eval "$(tests/domain/up)"` first).
 
-#[path = "channel/common.rs"]
-mod common;
+use vmgate_testkit::channel as common;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};

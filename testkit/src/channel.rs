@@ -1,8 +1,6 @@
-//! Shared fixtures for the channel integration tests: the domain, users' credential caches,
-//! host keytabs with migration SPNs, and probe processes (one per host) whose JSON events the
-//! tests read.
-
-#![allow(dead_code)]
+//! Fixtures for the channel and migration tests: the domain, users' credential caches, host
+//! keytabs with migration SPNs, and probe processes (one per host) whose JSON events the tests
+//! read.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
@@ -19,13 +17,13 @@ pub const CLASS: &str = "Microsoft Virtual System Migration Service";
 pub const DOMAIN: &str = "lab.example.test";
 pub const GROUP: &str = "Hyper-V Administrators";
 
-/// The probe binary (these fixtures are also used by the root crate's tests, which build
-/// no vmgate-channel of their own).
-pub fn probe() -> &'static str {
-    option_env!("CARGO_BIN_EXE_vmgate-channel").unwrap_or("vmgate-channel")
+/// The `vmgate-channel` probe.
+pub fn probe() -> PathBuf {
+    crate::bin("vmgate-channel")
 }
 
 /// The test domain's variables (set by tests/run or `eval "$(tests/domain/up)"`).
+#[derive(Debug)]
 pub struct Env {
     pub krb5_config: PathBuf,
     pub realm: String,
@@ -334,7 +332,7 @@ pub fn user_ccache(user: &str, tag: &str) -> PathBuf {
 }
 
 /// Events (JSON lines) of a probe process.
-#[derive(Clone, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Events(Arc<(Mutex<Vec<Value>>, Condvar)>);
 
 impl Events {
@@ -366,6 +364,7 @@ impl Events {
 }
 
 /// A probe process (a host serving, or a MITM); killed when dropped.
+#[derive(Debug)]
 pub struct Proc {
     pub child: Child,
     pub events: Events,
@@ -446,6 +445,7 @@ pub fn spawn(name: &str, args: &[String], extra_env: &[(&str, &Path)]) -> Proc {
 }
 
 /// Options of a serving host.
+#[derive(Debug)]
 pub struct Serve<'a> {
     pub host: &'a str,
     pub ip: &'a str,
@@ -584,6 +584,7 @@ pub fn connect(
 
 /// The migration setup shared by the tests: hv1..hv3 get their migration SPNs, keytabs with
 /// them, and HV1$ may delegate to hv2. Done once per test binary.
+#[derive(Debug)]
 pub struct Hosts {
     pub keytab: HashMap<&'static str, PathBuf>,
 }

@@ -34,10 +34,11 @@ use vmgate_auth::channel::{
     ServerChannel, Target,
 };
 use vmgate_auth::delegation::AuthType;
-use vmgate_auth::host::{AcquireError, CredentialArgs, HostArgs, server_settings};
+use vmgate_auth::host::server_settings;
 use vmgate_auth::krb::{AuthFacts, HostCredentials};
 use vmgate_auth::spn::Spn;
 use vmgate_auth::tls::{TlsContext, TlsSession};
+use vmgate_testkit::args::{AcquireError, CredentialArgs, HostArgs};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -160,6 +161,11 @@ fn error_kind(e: &ChannelError) -> &'static str {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    vmgate_control::logging::init(
+        "vmgate-channel",
+        tracing::level_filters::LevelFilter::WARN,
+        vmgate_control::logging::LogArgs::default(),
+    );
     match cli.cmd {
         Cmd::Serve { .. } => serve(cli.cmd),
         Cmd::Connect { .. } => connect(cli.cmd),
@@ -207,7 +213,7 @@ fn serve(cmd: Cmd) -> ExitCode {
     let timeout = Duration::from_millis(timeout_ms);
     let (settings, directory) = match server_settings(&id, &admit, timeout, max_handshakes) {
         Ok(x) => x,
-        Err(e) => return fail(e),
+        Err(e) => return fail(vmgate_control::error::chain(&e)),
     };
     let tls = settings.tls.clone();
     let creds = settings.credentials.clone();

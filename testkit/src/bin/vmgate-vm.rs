@@ -128,16 +128,7 @@ struct Report {
     ok: bool,
 }
 
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(x) = src {
-        s.push_str(": ");
-        s.push_str(&x.to_string());
-        src = x.source();
-    }
-    s
-}
+use vmgate_control::error::chain;
 
 fn mailboxes(vm: &Vm) -> Result<Vec<MailboxOut>, String> {
     (0..vm.config().vcpus)
@@ -292,6 +283,11 @@ fn fail(msg: &str) -> ExitCode {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    vmgate_control::logging::init(
+        "vmgate-vm",
+        tracing::level_filters::LevelFilter::WARN,
+        vmgate_control::logging::LogArgs::default(),
+    );
     match cli.command {
         Command::Run { config, run } => {
             let cfg = match VmConfig::load(&config) {

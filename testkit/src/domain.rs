@@ -5,8 +5,6 @@
 //! against one domain, so each creates its own uniquely named accounts ([`Domain::computer`],
 //! [`Domain::user`]), which are deleted when dropped.
 
-#![allow(dead_code)] // Each test binary uses a different subset.
-
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};

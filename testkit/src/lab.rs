@@ -2,8 +2,6 @@
 //! the demo lab lays them out (`$VMGATE_LAB_DIR/hvN/vmgated.toml`), so that the `vmgate` CLI
 //! reaches them with `--host hvN`. Each lab has its own folder and ports.
 
-#![allow(dead_code)]
-
 use std::io::Write;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -11,26 +9,24 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use vmgate::daemon::events::{EventLog, EventRecord};
-use vmgate::daemon::local::{LocalClient, Request, Response};
+use vmgate_control::api::{Request, Response};
+use vmgate_control::client::LocalClient;
+use vmgate_control::events::EventRecord;
 
-#[path = "../../auth/tests/channel/common.rs"]
-pub mod chan;
+pub use crate::channel as chan;
 
-pub const VMGATED: &str = env!("CARGO_BIN_EXE_vmgated");
+/// The daemon.
+pub fn vmgated() -> PathBuf {
+    crate::bin("vmgated")
+}
 
-/// The `vmgate` CLI (built by the tools package next to vmgated).
+/// The `vmgate` CLI.
 pub fn vmgate_bin() -> PathBuf {
-    let p = Path::new(VMGATED).with_file_name("vmgate");
-    assert!(
-        p.exists(),
-        "{} is missing: build the workspace (cargo build -p vmgate-tools, or run through tests/run)",
-        p.display()
-    );
-    p
+    crate::bin("vmgate")
 }
 
 /// One daemon.
+#[derive(Debug)]
 pub struct Host {
     pub name: String,
     pub ip: String,
@@ -45,7 +41,7 @@ impl Host {
     }
 
     pub fn events(&self) -> Vec<EventRecord> {
-        EventLog::read(&self.dir.join("state/events.jsonl"), 100_000)
+        vmgate_control::events::read(&self.dir.join("state/events.jsonl"), 100_000)
             .map(|r| r.0)
             .unwrap_or_default()
     }
@@ -73,6 +69,7 @@ impl Drop for Host {
 }
 
 /// A lab: its folder (VMGATE_LAB_DIR) and its hosts.
+#[derive(Debug)]
 pub struct Lab {
     pub dir: tempfile::TempDir,
     pub hosts: Vec<Host>,
@@ -181,7 +178,7 @@ any_network = true
         let path = hdir.join("vmgated.toml");
         std::fs::write(&path, config).unwrap();
         let log = std::fs::File::create(hdir.join("vmgated.log")).unwrap();
-        let child = Command::new(VMGATED)
+        let child = Command::new(vmgated())
             .arg("--config")
             .arg(&path)
             .stdout(Stdio::null())
@@ -230,7 +227,7 @@ any_network = true
         h.stop();
         let log = std::fs::File::create(h.dir.join("vmgated.log")).unwrap();
         h.child = Some(
-            Command::new(VMGATED)
+            Command::new(vmgated())
                 .arg("--config")
                 .arg(h.dir.join("vmgated.toml"))
                 .stdout(Stdio::null())
