@@ -705,7 +705,7 @@ fn raw_link(to: SocketAddr) -> vmgate_migrate::engine::Link {
         handshake_timeout: Duration::from_secs(10),
         local_host: None,
     };
-    let d = vmgate::host::ChannelDialer::new(
+    let d = vmgate::adapter::ChannelDialer::new(
         settings,
         to,
         chan::spn("hv2").parse().unwrap(),

@@ -142,3 +142,17 @@ impl CredentialArgs {
         }
     }
 }
+
+/// Points this process's own Kerberos client (the directory's GSSAPI bind) at the host's
+/// keytab and a private cache: each probe host is its own process.
+///
+/// # Safety
+/// Must be called while the process has a single thread (before any other thread starts):
+/// changing the environment races with threads reading it.
+pub unsafe fn use_host_keytab_for_ldap(keytab: &std::path::Path, ccache: &std::path::Path) {
+    // SAFETY: the caller guarantees no other thread runs (see above).
+    unsafe {
+        std::env::set_var("KRB5_CLIENT_KTNAME", format!("FILE:{}", keytab.display()));
+        std::env::set_var("KRB5CCNAME", format!("FILE:{}", ccache.display()));
+    }
+}

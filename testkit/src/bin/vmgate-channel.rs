@@ -261,10 +261,7 @@ fn set_process_kerberos_env(keytab: &std::path::Path, ccache: &std::path::Path) 
     // SAFETY: called from `serve` before the gateway, the directory client or any other thread
     // is started: this process is single-threaded here, so no other thread can read the
     // environment while it changes.
-    unsafe {
-        std::env::set_var("KRB5_CLIENT_KTNAME", format!("FILE:{}", keytab.display()));
-        std::env::set_var("KRB5CCNAME", format!("FILE:{}", ccache.display()));
-    }
+    unsafe { vmgate_testkit::args::use_host_keytab_for_ldap(keytab, ccache) }
 }
 
 fn accepted_json(ch: &ServerChannel) -> Value {

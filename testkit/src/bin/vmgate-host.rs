@@ -26,9 +26,9 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::{Value, json};
 
-use vmgate::host::server::{server_settings, use_host_keytab_for_ldap};
-use vmgate::host::{ChannelDialer, stream_link};
+use vmgate::adapter::ChannelDialer;
 use vmgate_auth::channel::{ClientSettings, Gateway};
+use vmgate_auth::host::server_settings;
 use vmgate_auth::krb::AuthFacts;
 use vmgate_auth::spn::Spn;
 use vmgate_auth::tls::TlsContext;
@@ -39,6 +39,7 @@ use vmgate_migrate::engine::{
 use vmgate_migrate::protocol::{Compression, ProtocolVersion};
 use vmgate_migrate::vm::check::check_vm;
 use vmgate_migrate::vm::{Vm, VmConfig, VmOptions};
+use vmgate_testkit::args::use_host_keytab_for_ldap;
 use vmgate_testkit::args::{CredentialArgs, HostArgs};
 
 #[derive(Parser, Debug)]
@@ -291,17 +292,16 @@ fn receive(cmd: Cmd) -> ExitCode {
         std::thread::spawn(move || {
             let r = gw.serve(&listener, move |r| match r {
                 Ok(ch) => {
-                    let (stream, peer, _authz, _purpose) = ch.into_parts();
-                    let who = format!("{} from {}", peer.principal(), peer.addr());
-                    let link = match stream_link(stream, who.clone()) {
+                    let incoming = match vmgate::adapter::incoming(ch) {
                         Ok(l) => l,
                         Err(e) => {
                             emit(json!({"event": "stream-error", "error": e.to_string()}));
                             return;
                         }
                     };
+                    let peer = &incoming.peer;
                     emit(json!({"event": "accepted", "principal": peer.principal().to_string(), "peer": peer.addr().to_string()}));
-                    match dest.handle(link) {
+                    match dest.handle(incoming.link) {
                         Received::Vm(v) => {
                             // Listed first, then announced: a `check` after the event finds it.
                             let event = json!({

@@ -1,38 +1,34 @@
-//! vmgated's own parts: configuration, events, the local control socket, SPN self-check.
-//!
-//! Start-up order ([`Daemon::start`]): the configuration is already loaded and checked; then
-//! the keytab's and the state folder's permissions ([`perms`]), the event log ([`events`]), the
-//! SPN self-check ([`spn_check`], never fatal), and the control socket ([`local`]). The binary
-//! (src/main.rs) adds the process set-up (Kerberos environment, signals, systemd readiness) and
-//! the migration listener.
+//! Start-up: the configuration is already loaded and checked; then the keytab's and the state
+//! folder's permissions ([`crate::perms`]), the event log ([`crate::events`]), the SPN
+//! self-check ([`crate::spn_check`], never fatal), and the control socket
+//! ([`crate::control::socket`]). The binary (src/main.rs) adds the process set-up (Kerberos
+//! environment, logging, signals, systemd readiness), the dispatch and the gateway.
 
 #![forbid(unsafe_code)]
 
-pub mod config;
-pub mod events;
-pub mod local;
-pub mod perms;
-pub mod spn_check;
-
 use std::path::Path;
 
-use config::Config;
-use events::EventLog;
-use local::{LocalServer, SpnState};
-use spn_check::SpnReport;
+use vmgate_control::api::host::SpnState;
+use vmgate_control::config::Config;
+
+use crate::control::socket::{LocalServer, SocketError};
+use crate::events::{EventLog, EventsError};
+use crate::perms::{self, PermsError};
+use crate::spn_check::{self, SpnReport};
 
 /// Errors that stop the daemon from starting.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum DaemonError {
     /// A secret or the state is exposed to other users.
     #[error(transparent)]
-    Perms(#[from] perms::PermsError),
+    Perms(#[from] PermsError),
     /// The event log cannot be opened.
     #[error(transparent)]
-    Events(#[from] events::EventsError),
+    Events(#[from] EventsError),
     /// The control socket cannot be bound.
     #[error(transparent)]
-    Local(#[from] local::LocalError),
+    Socket(#[from] SocketError),
 }
 
 /// A started daemon: checks passed, events open, control socket bound (not yet served).
@@ -50,8 +46,8 @@ pub struct Daemon {
 
 impl Daemon {
     /// Checks permissions, opens the event log, runs the SPN self-check and binds the control
-    /// socket. The process's Kerberos environment must already point at the host's keytab (see
-    /// src/main.rs) for the self-check to bind as the host.
+    /// socket. The process's Kerberos environment must already point at the host's keytab
+    /// (see src/main.rs) for the self-check to bind as the host. Blocks (the directory).
     pub fn start(config: Config) -> Result<Daemon, DaemonError> {
         perms::check_keytab(&config.keytab)?;
         perms::check_state_dir(&config.state_dir, perms::expected_state_owner())?;
@@ -98,6 +94,6 @@ pub fn notify_ready(status: &str) {
         socket.send_to(message.as_bytes(), Path::new(&target))
     };
     if let Err(e) = sent {
-        eprintln!("vmgated: cannot notify systemd: {e}");
+        tracing::warn!(error = %e, "cannot notify systemd");
     }
 }

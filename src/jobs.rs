@@ -6,105 +6,30 @@
 //!
 //! A queued move sees its position (1 = next); it starts when it is first in its queue and
 //! fewer moves of its kind run than the limit *at that moment* (a limit raised by `host set`
-//! takes effect at once). Cancelling a queued job takes it out of the queue; cancelling a
-//! running one goes to the engine through its [`CancelToken`]. Incoming moves are recorded as
-//! running jobs and count towards the live limit (a destination refuses a move beyond it).
+//! takes effect at once). Waiting is asynchronous ([`Job::wait_for_slot`] on the daemon's
+//! runtime): a queued job holds no thread. Cancelling a queued job takes it out of the queue;
+//! cancelling a running one goes to the engine through its [`CancelToken`]. Incoming moves are
+//! recorded as running jobs and count towards the live limit (a destination refuses a move
+//! beyond it).
 //!
 //! The last [`KEEP_ENDED`] ended jobs are kept for `jobs list` / `jobs show`.
 
-use std::collections::VecDeque;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+#![forbid(unsafe_code)]
 
-use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::Notify;
+use vmgate_control::api::jobs::{Direction, JobInfo, JobKind, JobProgress, JobState};
 use vmgate_migrate::engine::CancelToken;
 
 /// How many ended jobs are kept.
 pub const KEEP_ENDED: usize = 100;
 
-/// What a job moves.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum JobKind {
-    /// A live move of a VM (memory, vCPUs, devices).
-    Live,
-    /// A storage move.
-    Storage,
-}
-
-/// Which end of the move this host is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Direction {
-    /// The VM leaves this host.
-    Outgoing,
-    /// The VM arrives here.
-    Incoming,
-    /// The VM stays here; its storage moves (a storage-only move).
-    Local,
-}
-
-/// Where a job is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum JobState {
-    /// Waiting for a slot.
-    Queued,
-    /// Moving.
-    Running,
-    /// The VM runs on the destination (on its new files, for a storage-only move).
-    Completed,
-    /// Failed; the VM runs on the source (on its old files).
-    Failed,
-    /// Cancelled; the VM runs on the source (on its old files).
-    Cancelled,
-}
-
-impl JobState {
-    /// Whether the job has ended.
-    pub fn ended(self) -> bool {
-        matches!(
-            self,
-            JobState::Completed | JobState::Failed | JobState::Cancelled
-        )
-    }
-}
-
-/// A job as `jobs list` and `jobs show` report it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct JobInfo {
-    /// `j7`.
-    pub id: String,
-    /// Live or storage.
-    pub kind: JobKind,
-    /// Outgoing, incoming, or local.
-    pub direction: Direction,
-    /// The VM (empty for an incoming move before its configuration arrived).
-    pub vm: String,
-    /// The other host (the destination of an outgoing move, the source of an incoming one;
-    /// for a storage-only move, where the storage goes).
-    pub peer: String,
-    /// Who asked for it.
-    pub user: String,
-    /// Where it is.
-    pub state: JobState,
-    /// The place in the queue (1 = next), while queued.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub position: Option<usize>,
-    /// The latest progress report of the engine.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub progress: Option<serde_json::Value>,
-    /// When it was submitted (seconds since the Unix epoch).
-    pub submitted: u64,
-    /// How long it waited in the queue, ms.
-    pub waited_ms: u64,
-    /// When it ended.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ended: Option<u64>,
-    /// How it ended, for people. (Not `result`: that is the control protocol's tag.)
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub outcome: Option<String>,
-}
+/// How often a queued job looks at its limit again without being woken (a limit raised by
+/// `host set` wakes nobody).
+const RECHECK: Duration = Duration::from_millis(500);
 
 #[derive(Debug)]
 struct Entry {
@@ -155,10 +80,16 @@ impl Inner {
     }
 }
 
+#[derive(Debug, Default)]
+struct Shared {
+    inner: Mutex<Inner>,
+    changed: Notify,
+}
+
 /// The jobs of this host.
 #[derive(Debug, Clone, Default)]
 pub struct Jobs {
-    inner: Arc<(Mutex<Inner>, Condvar)>,
+    shared: Arc<Shared>,
 }
 
 fn now() -> u64 {
@@ -177,9 +108,41 @@ fn ms(d: Duration) -> u64 {
 #[error("cancelled while queued: {0}")]
 pub struct QueueCancelled(pub String);
 
+/// Why a job cannot be cancelled.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CancelError {
+    /// No such job.
+    #[error("no job \"{0}\" on this host (vmgate jobs list)")]
+    NotFound(String),
+    /// It has ended already.
+    #[error("job {id} has already ended ({})", state.as_str())]
+    Ended {
+        /// The job.
+        id: String,
+        /// How it ended.
+        state: JobState,
+    },
+    /// It is an incoming move: only its source can cancel it.
+    #[error("job {id} is an incoming move: cancel it on its source ({peer})")]
+    Incoming {
+        /// The job.
+        id: String,
+        /// Its source.
+        peer: String,
+    },
+}
+
 impl Jobs {
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.0.lock().unwrap_or_else(PoisonError::into_inner)
+        self.shared
+            .inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn wake(&self) {
+        self.shared.changed.notify_waiters();
     }
 
     /// Records a new job (queued, for an outgoing or local move; running, for an incoming
@@ -250,32 +213,29 @@ impl Jobs {
     }
 
     /// Asks a job to stop. Ended jobs cannot be cancelled.
-    pub fn cancel(&self, id: &str, reason: &str) -> Result<JobInfo, String> {
+    pub fn cancel(&self, id: &str, reason: &str) -> Result<JobInfo, CancelError> {
         let inner = self.lock();
         let e = inner
             .jobs
             .iter()
             .find(|e| e.info.id == id)
-            .ok_or_else(|| format!("no job \"{id}\" on this host (vmgate jobs list)"))?;
+            .ok_or_else(|| CancelError::NotFound(id.to_owned()))?;
         if e.info.state.ended() {
-            return Err(format!(
-                "job {id} has already ended ({})",
-                serde_json::to_value(e.info.state)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_owned))
-                    .unwrap_or_default()
-            ));
+            return Err(CancelError::Ended {
+                id: id.to_owned(),
+                state: e.info.state,
+            });
         }
         if e.info.direction == Direction::Incoming {
-            return Err(format!(
-                "job {id} is an incoming move: cancel it on its source ({})",
-                e.info.peer
-            ));
+            return Err(CancelError::Incoming {
+                id: id.to_owned(),
+                peer: e.info.peer.clone(),
+            });
         }
         e.cancel.cancel(reason);
         let info = e.info.clone();
         drop(inner);
-        self.inner.1.notify_all();
+        self.wake();
         Ok(info)
     }
 }
@@ -291,6 +251,14 @@ pub struct Job {
     holds_slot: bool,
 }
 
+/// What [`Job::wait_for_slot`] found on one look at the queue.
+enum Look {
+    Cancelled(String),
+    Slot(Duration),
+    Moved(usize, u32),
+    Wait,
+}
+
 impl Job {
     /// The job's id.
     pub fn id(&self) -> &str {
@@ -302,69 +270,79 @@ impl Job {
         &self.cancel
     }
 
+    fn look(&mut self, started: Instant, limit: u32, last_position: usize) -> Look {
+        let mut inner = self.jobs.lock();
+        if self.cancel.is_cancelled() {
+            let reason = self.cancel.reason();
+            inner.queue(self.kind).retain(|j| *j != self.id);
+            if let Some(e) = inner.entry(&self.id) {
+                e.info.state = JobState::Cancelled;
+                e.info.position = None;
+                e.info.ended = Some(now());
+                e.info.outcome = Some(format!("cancelled while queued: {reason}"));
+            }
+            self.holds_slot = false;
+            return Look::Cancelled(reason);
+        }
+        let max = limit.max(1);
+        let position = inner
+            .queue(self.kind)
+            .iter()
+            .position(|j| *j == self.id)
+            .map_or(1, |p| p + 1);
+        if position == 1 && *inner.running(self.kind) < max {
+            inner.queue(self.kind).pop_front();
+            *inner.running(self.kind) += 1;
+            let waited = started.elapsed();
+            if let Some(e) = inner.entry(&self.id) {
+                e.info.state = JobState::Running;
+                e.info.position = None;
+                e.info.waited_ms = ms(waited);
+            }
+            self.holds_slot = true;
+            return Look::Slot(waited);
+        }
+        if position != last_position {
+            if let Some(e) = inner.entry(&self.id) {
+                e.info.position = Some(position);
+            }
+            return Look::Moved(position, max);
+        }
+        Look::Wait
+    }
+
     /// Waits for a slot: until the job is first in its queue and fewer than `limit()` moves of
     /// its kind run. `on_queued(position, limit)` is called when the job has to wait and
     /// whenever its position changes. Returns the time waited, or an error when cancelled
     /// while queued (the job is then ended as cancelled).
-    pub fn wait_for_slot(
+    pub async fn wait_for_slot(
         &mut self,
-        limit: &dyn Fn() -> u32,
-        on_queued: &mut dyn FnMut(usize, u32),
+        limit: impl Fn() -> u32,
+        mut on_queued: impl FnMut(usize, u32),
     ) -> Result<Duration, QueueCancelled> {
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let mut last_position = 0;
-        let mut inner = self.jobs.lock();
+        let shared = Arc::clone(&self.jobs.shared);
         loop {
-            if self.cancel.is_cancelled() {
-                let reason = self.cancel.reason();
-                inner.queue(self.kind).retain(|j| *j != self.id);
-                if let Some(e) = inner.entry(&self.id) {
-                    e.info.state = JobState::Cancelled;
-                    e.info.position = None;
-                    e.info.ended = Some(now());
-                    e.info.outcome = Some(format!("cancelled while queued: {reason}"));
+            // Registered before looking, so that a change between the look and the wait is
+            // not missed.
+            let changed = shared.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            match self.look(started, limit(), last_position) {
+                Look::Cancelled(reason) => {
+                    self.jobs.wake();
+                    return Err(QueueCancelled(reason));
                 }
-                self.holds_slot = false;
-                drop(inner);
-                self.jobs.inner.1.notify_all();
-                return Err(QueueCancelled(reason));
-            }
-            let max = limit().max(1);
-            let position = inner
-                .queue(self.kind)
-                .iter()
-                .position(|j| *j == self.id)
-                .map_or(1, |p| p + 1);
-            if position == 1 && *inner.running(self.kind) < max {
-                inner.queue(self.kind).pop_front();
-                *inner.running(self.kind) += 1;
-                let waited = started.elapsed();
-                if let Some(e) = inner.entry(&self.id) {
-                    e.info.state = JobState::Running;
-                    e.info.position = None;
-                    e.info.waited_ms = ms(waited);
+                Look::Slot(waited) => return Ok(waited),
+                Look::Moved(position, max) => {
+                    last_position = position;
+                    on_queued(position, max);
                 }
-                self.holds_slot = true;
-                return Ok(waited);
-            }
-            if position != last_position {
-                last_position = position;
-                if let Some(e) = inner.entry(&self.id) {
-                    e.info.position = Some(position);
+                Look::Wait => {
+                    let _ = tokio::time::timeout(RECHECK, changed).await;
                 }
-                drop(inner);
-                on_queued(position, max);
-                inner = self.jobs.lock();
-                continue;
             }
-            // Wake on any change, and at least twice a second (a limit raised by host set).
-            inner = self
-                .jobs
-                .inner
-                .1
-                .wait_timeout(inner, Duration::from_millis(500))
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
         }
     }
 
@@ -375,8 +353,8 @@ impl Job {
         }
     }
 
-    /// Records the engine's latest progress.
-    pub fn progress(&self, progress: serde_json::Value) {
+    /// Records the latest progress.
+    pub fn progress(&self, progress: JobProgress) {
         if let Some(e) = self.jobs.lock().entry(&self.id) {
             e.info.progress = Some(progress);
         }
@@ -405,7 +383,7 @@ impl Job {
         }
         inner.forget_old();
         drop(inner);
-        self.jobs.inner.1.notify_all();
+        self.jobs.wake();
     }
 }
 
@@ -422,50 +400,51 @@ impl Drop for Job {
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_third_move_queues_until_a_slot_frees() {
+    #[tokio::test]
+    async fn the_third_move_queues_until_a_slot_frees() {
         let jobs = Jobs::default();
         let limit = || 2;
         let mut a = jobs.submit(JobKind::Live, Direction::Outgoing, "a", "hv2", "alice");
         let mut b = jobs.submit(JobKind::Live, Direction::Outgoing, "b", "hv2", "alice");
         let mut c = jobs.submit(JobKind::Live, Direction::Outgoing, "c", "hv2", "alice");
-        let mut never = |_, _| panic!("a and b must not wait");
-        a.wait_for_slot(&limit, &mut never).unwrap();
-        b.wait_for_slot(&limit, &mut never).unwrap();
+        let never = |_, _| panic!("a and b must not wait");
+        a.wait_for_slot(limit, never).await.unwrap();
+        b.wait_for_slot(limit, never).await.unwrap();
         assert_eq!(jobs.running(JobKind::Live), 2);
         let seen = Arc::new(Mutex::new(Vec::new()));
         let seen2 = Arc::clone(&seen);
-        let waiter = std::thread::spawn(move || {
-            c.wait_for_slot(&limit, &mut |pos, max| {
-                seen2.lock().unwrap().push((pos, max))
-            })
-            .unwrap();
+        let waiter = tokio::spawn(async move {
+            c.wait_for_slot(limit, |pos, max| seen2.lock().unwrap().push((pos, max)))
+                .await
+                .unwrap();
             c
         });
-        std::thread::sleep(Duration::from_millis(200));
+        tokio::time::sleep(Duration::from_millis(200)).await;
         let info = jobs.list();
         let queued = info.iter().find(|j| j.vm == "c").unwrap();
         assert_eq!(queued.state, JobState::Queued);
         assert_eq!(queued.position, Some(1));
         a.finish(JobState::Completed, "done".into());
-        let c = waiter.join().unwrap();
+        let c = waiter.await.unwrap();
         assert_eq!(*seen.lock().unwrap(), vec![(1, 2)]);
         assert_eq!(jobs.get(c.id()).unwrap().state, JobState::Running);
         assert_eq!(jobs.running(JobKind::Live), 2);
         // Storage moves have their own limit and queue.
         let mut s = jobs.submit(JobKind::Storage, Direction::Local, "d", "/vms/b", "alice");
-        s.wait_for_slot(&|| 1, &mut never).unwrap();
+        s.wait_for_slot(|| 1, never).await.unwrap();
         assert_eq!(jobs.running(JobKind::Storage), 1);
         let mut t = jobs.submit(JobKind::Storage, Direction::Local, "e", "/vms/b", "alice");
         let t_id = t.id().to_owned();
         let j2 = jobs.clone();
-        let canceller = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(100));
+        let canceller = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
             j2.cancel(&t_id, "not now").unwrap();
         });
         let mut queued_at = Vec::new();
-        let r = t.wait_for_slot(&|| 1, &mut |pos, max| queued_at.push((pos, max)));
-        canceller.join().unwrap();
+        let r = t
+            .wait_for_slot(|| 1, |pos, max| queued_at.push((pos, max)))
+            .await;
+        canceller.await.unwrap();
         assert_eq!(r, Err(QueueCancelled("not now".into())));
         assert_eq!(queued_at, vec![(1, 1)]);
         drop(t);
@@ -476,38 +455,63 @@ mod tests {
         assert_eq!(jobs.running(JobKind::Storage), 0);
     }
 
-    #[test]
-    fn a_queued_job_can_be_cancelled_and_ended_ones_cannot() {
+    #[tokio::test]
+    async fn a_queued_job_can_be_cancelled_and_ended_ones_cannot() {
         let jobs = Jobs::default();
         let mut a = jobs.submit(JobKind::Live, Direction::Outgoing, "a", "hv2", "alice");
-        a.wait_for_slot(&|| 1, &mut |_, _| {}).unwrap();
+        a.wait_for_slot(|| 1, |_, _| {}).await.unwrap();
         let mut b = jobs.submit(JobKind::Live, Direction::Outgoing, "b", "hv2", "alice");
         let id = b.id().to_owned();
         let j2 = jobs.clone();
         let id2 = id.clone();
-        let canceller = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(100));
+        let canceller = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
             j2.cancel(&id2, "changed my mind").unwrap();
         });
-        let r = b.wait_for_slot(&|| 1, &mut |_, _| {});
-        canceller.join().unwrap();
+        let r = b.wait_for_slot(|| 1, |_, _| {}).await;
+        canceller.await.unwrap();
         assert_eq!(r, Err(QueueCancelled("changed my mind".into())));
         let info = jobs.get(&id).unwrap();
         assert_eq!(info.state, JobState::Cancelled);
-        assert!(
-            jobs.cancel(&id, "again")
-                .unwrap_err()
-                .contains("already ended")
-        );
-        assert!(
-            jobs.cancel("j99", "x")
-                .unwrap_err()
-                .contains("no job \"j99\"")
-        );
+        let e = jobs.cancel(&id, "again").unwrap_err();
+        assert!(matches!(e, CancelError::Ended { .. }), "{e:?}");
+        assert!(e.to_string().contains("already ended"), "{e}");
+        let e = jobs.cancel("j99", "x").unwrap_err();
+        assert_eq!(e, CancelError::NotFound("j99".into()));
+        assert!(e.to_string().contains("no job \"j99\""), "{e}");
         drop(b);
         assert_eq!(jobs.get(&id).unwrap().state, JobState::Cancelled);
         a.finish(JobState::Completed, "ok".into());
         assert_eq!(jobs.running(JobKind::Live), 0);
+    }
+
+    #[tokio::test]
+    async fn a_raised_limit_lets_a_queued_job_go_without_a_wake_up() {
+        let jobs = Jobs::default();
+        let limit = Arc::new(std::sync::atomic::AtomicU32::new(1));
+        let mut a = jobs.submit(JobKind::Live, Direction::Outgoing, "a", "hv2", "alice");
+        let l = Arc::clone(&limit);
+        a.wait_for_slot(
+            move || l.load(std::sync::atomic::Ordering::SeqCst),
+            |_, _| {},
+        )
+        .await
+        .unwrap();
+        let mut b = jobs.submit(JobKind::Live, Direction::Outgoing, "b", "hv2", "alice");
+        let l = Arc::clone(&limit);
+        let raiser = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            l.store(2, std::sync::atomic::Ordering::SeqCst);
+        });
+        let l = Arc::clone(&limit);
+        b.wait_for_slot(
+            move || l.load(std::sync::atomic::Ordering::SeqCst),
+            |_, _| {},
+        )
+        .await
+        .unwrap();
+        raiser.await.unwrap();
+        assert_eq!(jobs.running(JobKind::Live), 2);
     }
 
     #[test]
@@ -515,11 +519,8 @@ mod tests {
         let jobs = Jobs::default();
         let inc = jobs.submit(JobKind::Live, Direction::Incoming, "", "hv1", "alice");
         assert_eq!(jobs.running(JobKind::Live), 1);
-        assert!(
-            jobs.cancel(inc.id(), "x")
-                .unwrap_err()
-                .contains("cancel it on its source")
-        );
+        let e = jobs.cancel(inc.id(), "x").unwrap_err();
+        assert!(e.to_string().contains("cancel it on its source"), "{e}");
         inc.set_vm("web");
         assert_eq!(jobs.list()[0].vm, "web");
         inc.finish(JobState::Completed, "arrived".into());

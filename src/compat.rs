@@ -10,7 +10,7 @@ use vmgate_migrate::engine::incompatibility;
 use vmgate_migrate::protocol::Incompatibility;
 use vmgate_migrate::vm::VmConfig;
 
-use crate::daemon::config::SwitchSettings;
+use vmgate_control::config::SwitchSettings;
 
 /// One entry ([`incompatibility::SWITCH`]) per NIC of `vm` connected to a switch that this
 /// host (`host_name`, whose switches are `host_switches`) does not have. Switch names are

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 
 /// Errors of the permission checks. Each says what is wrong and the command that fixes it.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum PermsError {
     /// The keytab cannot be examined.
     #[error("cannot examine the keytab {}", path.display())]

@@ -32,12 +32,15 @@ use vmgate_auth::directory::{
 };
 use vmgate_auth::spn::Spn;
 
-use super::config::Config;
-use super::events::{Event, EventLog};
-use super::local::SpnState;
+use vmgate_control::api::host::{SpnState, SpnStatus as Shown};
+use vmgate_control::config::Config;
+use vmgate_control::error::chain;
+
+use crate::events::{Event, EventLog};
 
 /// Errors of the SPN self-check that stop it before any SPN was looked at.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum SpnCheckError {
     /// The configured SPNs are malformed (a bad `spn_class` or host name).
     #[error("the migration SPNs cannot be formed from the configuration")]
@@ -96,11 +99,10 @@ impl SpnReport {
             .map(|(spn, s)| SpnState {
                 spn: spn.to_string(),
                 state: match s {
-                    SpnStatus::Present => "registered",
-                    SpnStatus::RegisteredNow => "registered_now",
-                    SpnStatus::Missing { .. } => "missing",
-                }
-                .to_owned(),
+                    SpnStatus::Present => Shown::Registered,
+                    SpnStatus::RegisteredNow => Shown::RegisteredNow,
+                    SpnStatus::Missing { .. } => Shown::Missing,
+                },
             })
             .collect()
     }
@@ -147,29 +149,17 @@ pub fn refusal_reason(err: &DirectoryError, account: &str) -> String {
              (\"Validated write to service principal name\" is not granted to SELF on the \
              account: {text})"
         ),
-        DirectoryError::Refused { code: 19, text, .. } if text.contains("spn validation") => {
-            format!(
-                "the directory refused the SPN because its host part is not the account's \
-                 dNSHostName or short name ({text})"
-            )
-        }
+        // Constraint violation: for a computer's own SPN, AD's "Validated write to service
+        // principal name" admits only its dNSHostName or short name as the host part.
+        DirectoryError::Refused { code: 19, text, .. } => format!(
+            "the directory refused the SPN as a constraint violation: a computer may register \
+             only SPNs whose host part is the account's dNSHostName or short name ({text})"
+        ),
         DirectoryError::SpnNotUnique { text, .. } => {
             format!("the SPN is registered on another account ({text})")
         }
         other => chain(other),
     }
-}
-
-/// An error and its sources, on one line.
-pub fn chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 /// Checks (and, when `register`, registers) the migration SPNs on `account_name` through an
@@ -293,7 +283,7 @@ pub fn unknown_states(config: &Config) -> Vec<SpnState> {
             .iter()
             .map(|s| SpnState {
                 spn: s.to_string(),
-                state: "unknown".to_owned(),
+                state: Shown::Unknown,
             })
             .collect(),
         Err(_) => Vec::new(),
@@ -305,7 +295,7 @@ mod tests {
     use super::*;
 
     fn spn(host: &str) -> Spn {
-        Spn::new(super::super::config::MIGRATION_SERVICE_CLASS, host).unwrap()
+        Spn::new(vmgate_control::MIGRATION_SERVICE_CLASS, host).unwrap()
     }
 
     #[test]
@@ -376,7 +366,7 @@ mod tests {
         };
         assert!(
             refusal_reason(&validation, "HV2$")
-                .contains("host part is not the account's dNSHostName")
+                .contains("host part is the account's dNSHostName or short name")
         );
     }
 }
