@@ -146,13 +146,14 @@ async fn run(config: Config) -> ExitCode {
             return ExitCode::from(EXIT_START);
         }
     };
-    let mut gateway_settings = match gateway::settings(&daemon.config) {
-        Ok(s) => s,
-        Err(e) => {
-            error::print("vmgated", &e);
-            return ExitCode::from(EXIT_START);
-        }
-    };
+    let mut gateway_settings =
+        match gateway::settings(&daemon.config, tokio::runtime::Handle::current()) {
+            Ok(s) => s,
+            Err(e) => {
+                error::print("vmgated", &e);
+                return ExitCode::from(EXIT_START);
+            }
+        };
     let settings = match HostSettings::load(daemon.config.clone()) {
         Ok(s) => s,
         Err(e) => {

@@ -19,6 +19,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod directory;
 pub mod pending;
 
 use std::net::{SocketAddr, TcpStream};
@@ -26,6 +27,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tracing::Instrument;
+use vmgate_auth::authz::Authorizer;
 use vmgate_auth::channel::{
     ChannelError, Incoming as Connection, Purpose, ServerChannel, ServerSettings,
 };
@@ -44,12 +46,21 @@ use pending::{DEFAULT_PER_PEER, Pending};
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Handshakes at once.
 pub const MAX_HANDSHAKES: usize = vmgate_auth::channel::DEFAULT_MAX_HANDSHAKES;
+/// The time one directory operation of a group lookup may take.
+pub const DIRECTORY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The gateway's settings for this host: its identity from its keytab, the admin group
-/// (looked up in the directory as the host), and no connection-level network filter (control
-/// connections may come from anywhere; moves only from the migration networks, see
+/// (looked up in the directory as the host: over `ldap://` with ldap3's async client on
+/// `runtime`, [`directory::AsyncGroups`]; over `ldaps://` with the auth crate's directory
+/// client), and no connection-level network filter (control connections may come from
+/// anywhere; moves only from the migration networks, see
 /// [`ServerSettings::migration_filter`]).
-pub fn settings(config: &Config) -> Result<ServerSettings, GatewayError> {
+pub fn settings(
+    config: &Config,
+    runtime: tokio::runtime::Handle,
+) -> Result<ServerSettings, GatewayError> {
+    let url = &config.directory.url;
+    let sealed = url.to_ascii_lowercase().starts_with("ldap://");
     let [_, spn] = config.migration_spns().map_err(GatewayError::Spn)?;
     let id = HostIdentity {
         keytab: config.keytab.clone(),
@@ -60,13 +71,27 @@ pub fn settings(config: &Config) -> Result<ServerSettings, GatewayError> {
     };
     let admit = Admission {
         principals: Vec::new(),
-        groups: vec![config.admin_group.clone()],
-        ldap_url: Some(config.directory.url.clone()),
+        groups: if sealed {
+            Vec::new()
+        } else {
+            vec![config.admin_group.clone()]
+        },
+        ldap_url: (!sealed).then(|| url.clone()),
         ldap_ca: config.directory.ca_file.clone(),
         networks: vec!["any".into()],
     };
-    let (settings, _groups) = server_settings(&id, &admit, HANDSHAKE_TIMEOUT, MAX_HANDSHAKES)
+    let (mut settings, _groups) = server_settings(&id, &admit, HANDSHAKE_TIMEOUT, MAX_HANDSHAKES)
         .map_err(GatewayError::Settings)?;
+    if sealed {
+        let groups = directory::AsyncGroups::new(
+            url.clone(),
+            vmgate_auth::host::url_host(url).unwrap_or_default(),
+            DIRECTORY_TIMEOUT,
+            runtime,
+        );
+        settings.authorizer = Authorizer::new(settings.host_name.clone())
+            .allow_group(config.admin_group.clone(), Arc::new(groups));
+    }
     Ok(settings)
 }
 
