@@ -146,9 +146,15 @@ async fn run(config: Config) -> ExitCode {
             return ExitCode::from(EXIT_START);
         }
     };
+    // The admin group is resolved in the directory: off the runtime.
+    let config = daemon.config.clone();
     let mut gateway_settings =
-        match gateway::settings(&daemon.config, tokio::runtime::Handle::current()) {
-            Ok(s) => s,
+        match tokio::task::spawn_blocking(move || gateway::settings(&config)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                error::print("vmgated", &e);
+                return ExitCode::from(EXIT_START);
+            }
             Err(e) => {
                 error::print("vmgated", &e);
                 return ExitCode::from(EXIT_START);
@@ -163,7 +169,10 @@ async fn run(config: Config) -> ExitCode {
     };
     gateway_settings.migration_filter = Some(settings.migration_filter());
     let events = daemon.events.clone();
-    let inventory = Inventory::new(daemon.config.state_dir.join("consoles"));
+    let inventory = Inventory::new(
+        daemon.config.state_dir.join("consoles"),
+        daemon.config.storage_roots.clone(),
+    );
     let jobs = Jobs::default();
     let moves = Moves::new(
         settings.clone(),

@@ -144,10 +144,10 @@ fn refusals(lab: &Lab) -> Vec<(String, Option<String>, String, String)> {
             Event::GatewayRefused {
                 peer,
                 principal,
-                reason,
+                cause,
                 code,
                 ..
-            } => Some((peer, principal, reason, code)),
+            } => Some((peer, principal, cause, code)),
             _ => None,
         })
         .collect()

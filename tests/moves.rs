@@ -792,9 +792,8 @@ fn a_vm_on_shared_storage_moves_with_only_its_memory() {
     let _s = serial();
     let lab = Lab::start(&["hv1", "hv2"], &|_| String::new());
     chan::set_delegation("hv1", &[]);
-    // A folder both hosts see at the same path (on this machine, any folder).
-    let shared = lab.host("hv1").dir.parent().unwrap().join("shared");
-    std::fs::create_dir_all(&shared).unwrap();
+    // A folder both hosts see at the same path, one of the storage roots of each.
+    let shared = lab.shared();
     let disk = shared.join("ss.raw");
     std::fs::write(&disk, vec![0x5Au8; 8 << 20]).unwrap();
     lab.create_vm("hv1", &disk_vm("ss", &disk, "raw"));

@@ -394,6 +394,8 @@ fn keep_source_keeps_the_old_file_and_a_destination_outside_the_roots_changes_no
     assert_eq!(shown_disks(&lab, "ks"), [s(&new)]);
     runs_and_checks(&lab, "ks");
     // The summary for people names both.
+    // Into the lab's shared storage (a storage root of every host), for the move below.
+    let third_dir = lab.shared().join("third");
     let (code, out, err) = lab.run(
         "alice",
         &[
@@ -402,7 +404,7 @@ fn keep_source_keeps_the_old_file_and_a_destination_outside_the_roots_changes_no
             "move-storage",
             "ks",
             "--storage-path",
-            s(&vms.join("third")),
+            s(&third_dir),
             "--keep-source",
         ],
     );
@@ -421,7 +423,7 @@ fn keep_source_keeps_the_old_file_and_a_destination_outside_the_roots_changes_no
 
     // A live move without its storage (shared storage): hv2 opens the file ks runs on now,
     // not the one it was started from (still there, stale).
-    let third = canonical(&vms.join("third/ks-new.raw"));
+    let third = canonical(&third_dir.join("ks-new.raw"));
     let (code, v) = lab.run_json("alice", &["--host", "hv1", "move", "ks", "--to", "hv2"]);
     assert_eq!(code, 0, "{v:#}");
     assert_eq!(v["stats"]["shared_disks"][0], s(&third), "{v:#}");

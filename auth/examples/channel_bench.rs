@@ -23,7 +23,7 @@ use vmgate_auth::authz::Authorizer;
 use vmgate_auth::channel::{
     self, ClientSettings, ConnectRequest, Purpose, Route, ServerSettings, Target,
 };
-use vmgate_auth::krb::{AuthFacts, HostCredentials, Principal, UserCredential};
+use vmgate_auth::krb::{AcceptedServices, AuthFacts, HostCredentials, Principal, UserCredential};
 use vmgate_auth::netfilter::NetworkFilter;
 use vmgate_auth::spn::Spn;
 use vmgate_auth::tls::TlsContext;
@@ -149,11 +149,11 @@ fn main() {
         tls: tls.clone(),
         credentials: host,
         filter: NetworkFilter::Any,
-        authorizer: Authorizer::new("hv2").allow_principal(alice.clone()),
+        authorizer: Authorizer::new("hv2", &realm).allow_principal(alice.clone()),
         handshake_timeout: Duration::from_secs(10),
         max_handshakes: 64,
         migration_filter: None,
-        service_spn: Some(spn.clone()),
+        services: AcceptedServices::new(vec![spn.clone()], &realm),
     };
     let listener = TcpListener::bind("127.0.0.12:0").unwrap();
     let addr: SocketAddr = listener.local_addr().unwrap();
@@ -234,9 +234,13 @@ fn main() {
             };
             init.push(t.elapsed().as_secs_f64() * 1e3);
             let t = Instant::now();
-            let AcceptStep::Established(_a, Some(rep)) =
-                AcceptPending::new(&acred, vec![1; 45]).step(&tok).unwrap()
-            else {
+            let AcceptStep::Established(_a, Some(rep)) = AcceptPending::new(
+                &acred,
+                vec![1; 45],
+                &AcceptedServices::new(vec![req.target.spn.clone()], &realm),
+            )
+            .step(&tok)
+            .unwrap() else {
                 panic!("one step")
             };
             acc.push(t.elapsed().as_secs_f64() * 1e3);

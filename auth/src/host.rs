@@ -6,10 +6,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::authz::{Authorizer, LdapGroups, LdapSource};
+use crate::authz::{Authorizer, GroupSpec, LdapGroups, LdapSource};
 use crate::channel::ServerSettings;
 use crate::directory::{Bind, DirectoryConfig};
-use crate::krb::{HostCredentials, KrbError, Principal};
+use crate::krb::{AcceptedServices, HostCredentials, KrbError, Principal};
 use crate::netfilter::{NetfilterError, NetworkFilter};
 use crate::spn::Spn;
 use crate::tls::{TlsContext, TlsError};
@@ -42,6 +42,9 @@ pub enum HostSettingsError {
     /// An allowed network is not CIDR (or "any").
     #[error("the allowed networks cannot be read")]
     Networks(#[source] NetfilterError),
+    /// The admin group does not exist, or its name is ambiguous.
+    #[error("the admin group cannot be used")]
+    AdminGroup(#[source] crate::authz::AuthzError),
     /// Groups are admitted, but no directory is named to look them up.
     #[error("admitting AD groups needs an LDAP URL")]
     NoDirectory,
@@ -65,13 +68,19 @@ pub struct HostIdentity {
     pub ccache_dir: PathBuf,
 }
 
-/// Who may connect.
+/// Who may connect, and for what (see [`crate::authz`]).
 #[derive(Debug, Clone, Default)]
 pub struct Admission {
-    /// Principals allowed.
+    /// Principals allowed (control and migration; hosts only through `peer_hosts`).
     pub principals: Vec<String>,
-    /// AD groups whose (nested) members are allowed.
+    /// AD groups whose (nested) user members are allowed: a DN, a SID, or a name that must
+    /// match exactly one group (an ambiguous name stops [`server_settings`]).
     pub groups: Vec<String>,
+    /// Realms besides the host's own whose principals are accepted (default: none).
+    pub trusted_realms: Vec<String>,
+    /// Hosts (`hv1`) whose computer accounts may open migration channels with their own
+    /// identity (a source in host-identity mode). Hosts never get control channels.
+    pub peer_hosts: Vec<String>,
     /// LDAP URL for the group lookups (`ldap://DC` binds with GSSAPI sealing).
     pub ldap_url: Option<String>,
     /// CA for `ldaps://`.
@@ -80,7 +89,24 @@ pub struct Admission {
     pub networks: Vec<String>,
 }
 
+/// The migration SPNs a host accepts tickets for: the FQDN form and the short form
+/// (`class/hv2.lab.example.test`, `class/hv2`).
+pub fn migration_spns(fqdn_spn: &Spn) -> Vec<Spn> {
+    let mut spns = vec![fqdn_spn.clone()];
+    if let Some((short, _)) = fqdn_spn.host().split_once('.') {
+        if let Ok(s) = Spn::new(fqdn_spn.class(), short) {
+            spns.push(s);
+        }
+    }
+    spns
+}
+
 /// The gateway settings, and the directory used for group lookups (if any).
+///
+/// The admin groups are resolved here, once: a group that does not exist or whose name matches
+/// several groups is an error (naming the candidates' DNs) that stops the caller. A directory
+/// that cannot be reached is not: it is logged and the groups are resolved at the first
+/// lookup.
 pub fn server_settings(
     id: &HostIdentity,
     admit: &Admission,
@@ -115,7 +141,10 @@ pub fn server_settings(
         .map_err(HostSettingsError::Credentials)?;
     let filter = NetworkFilter::parse_list(admit.networks.iter().map(String::as_str))
         .map_err(HostSettingsError::Networks)?;
-    let mut authorizer = Authorizer::new(host_name.clone());
+    let mut authorizer = Authorizer::new(host_name.clone(), &id.realm);
+    for r in &admit.trusted_realms {
+        authorizer = authorizer.trust_realm(r);
+    }
     for a in &admit.principals {
         let p = Principal::parse(a, Some(&id.realm)).map_err(|source| {
             HostSettingsError::Principal {
@@ -125,12 +154,26 @@ pub fn server_settings(
         })?;
         authorizer = authorizer.allow_principal(p);
     }
+    for h in &admit.peer_hosts {
+        authorizer = authorizer.allow_peer_host(h);
+    }
     if !admit.groups.is_empty() {
         let Some(groups) = directory.clone() else {
             return Err(HostSettingsError::NoDirectory);
         };
         for g in &admit.groups {
-            authorizer = authorizer.allow_group(g.clone(), groups.clone());
+            authorizer = authorizer.allow_group(GroupSpec::parse(g), groups.clone());
+        }
+        match authorizer.resolve_groups() {
+            Ok(resolved) => {
+                for g in resolved {
+                    tracing::info!(group = %g.spec, dn = %g.dn, sid = ?g.sid, "admin group resolved");
+                }
+            }
+            Err(e) if e.is_unreachable() => {
+                tracing::warn!(error = %e, "the admin group could not be resolved yet; it will be at the first logon");
+            }
+            Err(e) => return Err(HostSettingsError::AdminGroup(e)),
         }
     }
     let tls = TlsContext::ephemeral().map_err(HostSettingsError::Tls)?;
@@ -145,7 +188,7 @@ pub fn server_settings(
             handshake_timeout,
             max_handshakes,
             migration_filter: None,
-            service_spn: Some(id.spn.clone()),
+            services: AcceptedServices::new(migration_spns(&id.spn), &id.realm),
         },
         directory,
     ))

@@ -8,6 +8,7 @@ pub mod authz;
 pub mod channel;
 pub mod delegation;
 pub mod directory;
+pub mod discover;
 pub mod host;
 pub mod krb;
 pub mod netfilter;

@@ -155,6 +155,10 @@ pub struct Config {
     pub fqdn: String,
     /// The Kerberos realm (`LAB.EXAMPLE.TEST`, the AD domain in capitals). Required.
     pub realm: String,
+    /// Other realms whose principals the gateway accepts (realms this domain trusts). Default:
+    /// none — only principals of `realm`; `alice@OTHER.REALM` is never taken for `alice`.
+    #[serde(default)]
+    pub trusted_realms: Vec<String>,
     /// The keytab holding the computer account's keys (and its SPNs'). Must be readable by root
     /// only. Hyper-V: the machine account's secret in LSA. Default `/etc/krb5.keytab` (where
     /// `realm join`/`net ads join` write it).
@@ -196,7 +200,10 @@ pub struct Config {
     #[serde(default, rename = "switch")]
     pub switches: Vec<SwitchSettings>,
     /// The AD group whose members may manage VMs and start moves on this host (looked up in the
-    /// directory, nested membership counts). Hyper-V: the "Hyper-V Administrators" group.
+    /// directory, nested membership counts): its DN, its SID, or a name that only one group in
+    /// the domain has (an ambiguous name stops the daemon at start). Resolved once, at start.
+    /// Its members are root-equivalent on this host. Hyper-V: the "Hyper-V Administrators"
+    /// group.
     #[serde(default = "default_admin_group")]
     pub admin_group: String,
     /// The Unix group whose members may use the local control socket (root always may). Default:
@@ -513,6 +520,12 @@ pub struct MigrationSettings {
     /// Hyper-V: `VirtualMachineMigrationAuthenticationType`. Default `kerberos`.
     #[serde(default)]
     pub auth: AuthType,
+    /// Hosts (short names, `hv1`) whose computer accounts may send moves here with their own
+    /// identity (their `auth = "host"`). Host principals are authorized by this list only (the
+    /// admin group does not count for them) and never get the control API. Read at start.
+    /// Default: none.
+    #[serde(default)]
+    pub peer_hosts: Vec<String>,
     /// Live moves at once (sending and receiving counted together); more queue. Hyper-V:
     /// `MaximumVirtualMachineMigrations` (default 2).
     #[serde(default = "two")]
@@ -550,6 +563,7 @@ impl Default for MigrationSettings {
         MigrationSettings {
             enabled: false,
             auth: AuthType::default(),
+            peer_hosts: Vec::new(),
             max_live_moves: 2,
             max_storage_moves: 2,
             any_network: false,
@@ -1053,6 +1067,21 @@ impl Config {
                 ));
             }
         }
+        for r in &self.trusted_realms {
+            if r.is_empty()
+                || r.len() > 253
+                || !r.split('.').all(valid_dns_label)
+                || r.eq_ignore_ascii_case(&self.realm)
+            {
+                return Err((
+                    "trusted_realms",
+                    format!(
+                        "\"{r}\" is not another realm: write a realm's name (such as \
+                         \"CORP.EXAMPLE.TEST\"), other than this host's own realm"
+                    ),
+                ));
+            }
+        }
         if self.admin_group.trim().is_empty() || self.admin_group.chars().any(char::is_control) {
             return Err((
                 "admin_group",
@@ -1098,6 +1127,18 @@ impl Config {
 
     fn validate_migration(&self) -> Result<(), (&'static str, String)> {
         let m = &self.migration;
+        for h in &m.peer_hosts {
+            let short = h.strip_suffix('$').unwrap_or(h);
+            if short.is_empty() || short.len() > 15 || !valid_dns_label(short) {
+                return Err((
+                    "migration.peer_hosts",
+                    format!(
+                        "\"{h}\" is not a short host name: list peers as their computer \
+                         accounts' names without $ (such as \"hv1\")"
+                    ),
+                ));
+            }
+        }
         let range =
             |v: u32| format!("{v} is not allowed; it must be from 1 to {MAX_SIMULTANEOUS_MOVES}");
         if !(1..=MAX_SIMULTANEOUS_MOVES).contains(&m.max_live_moves) {

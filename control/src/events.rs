@@ -14,7 +14,7 @@
 //! | 10000 | `daemon.started` | info | the daemon serves its control socket | version, protocol, listen, control_socket |
 //! | 10001 | `daemon.stopping` | info | the daemon stops | reason |
 //! | 10010 | `control.refused` | warning | a local peer was refused on the control socket | uid, pid, reason |
-//! | 10011 | `gateway.refused` | warning | the gateway refused a connection (network, Kerberos, authorization) | peer, principal, reason, code, code_name |
+//! | 10011 | `gateway.refused` | warning | the gateway refused a logon: a peer outside the allowed networks, a failed Kerberos logon (a ticket for another service, no or a wrong channel binding), or a principal not authorized for what it asked | peer, principal, code, code_name, cause |
 //! | 14050 | `spn.not_registered` | error | a migration SPN is missing and the host could not register it | account, spn, reason, fix |
 //! | 14051 | `spn.registered` | info | the host registered a missing migration SPN on its own account | account, spn |
 //! | 14052 | `spn.ok` | info | both migration SPNs are registered on the host's account | account, spns |
@@ -183,20 +183,23 @@ pub enum Event {
         /// Why.
         reason: String,
     },
-    /// 10011: the gateway refused a connection: a peer outside the allowed networks, a failed
-    /// Kerberos logon, or an authenticated user who is not allowed here.
+    /// 10011: the gateway refused a logon: a peer outside the allowed networks, Kerberos failed
+    /// (a ticket for another service, no or wrong channel binding, ...), or the principal is
+    /// not authorized for what it asked (a host asking for a control channel, a host not among
+    /// the peer hosts, a foreign realm, a user outside the admin group, a move from outside the
+    /// migration networks).
     #[serde(rename = "gateway.refused")]
     GatewayRefused {
         /// The peer's address (`127.0.0.21:40112`).
         peer: String,
-        /// Who the peer is, once Kerberos said so.
+        /// Who the peer is, when Kerberos authenticated it.
         principal: Option<String>,
-        /// Why, in this deployment's terms.
-        reason: String,
         /// The Windows code (`0x80070005`).
         code: String,
         /// Its name (`E_ACCESSDENIED`).
         code_name: String,
+        /// The cause, as sent to the peer.
+        cause: String,
     },
     /// 14050: a migration SPN is missing and the host could not register it.
     #[serde(rename = "spn.not_registered")]
@@ -425,15 +428,15 @@ impl Event {
             Event::GatewayRefused {
                 peer,
                 principal,
-                reason,
                 code,
                 code_name,
+                cause,
             } => {
                 let who = principal
                     .as_ref()
                     .map(|p| format!(" ({p})"))
                     .unwrap_or_default();
-                format!("refused a logon from {peer}{who} with {code} ({code_name}): {reason}")
+                format!("refused a logon from {peer}{who} with {code} ({code_name}): {cause}")
             }
             Event::SpnNotRegistered {
                 account,
@@ -763,9 +766,9 @@ mod tests {
             Event::GatewayRefused {
                 peer: "127.0.0.21:40112".into(),
                 principal: Some("carol@LAB.EXAMPLE.TEST".into()),
-                reason: "carol is not a member of \"Hyper-V Administrators\"".into(),
                 code: "0x80070005".into(),
                 code_name: "E_ACCESSDENIED".into(),
+                cause: "carol is not a member of \"Hyper-V Administrators\"".into(),
             },
             spn_event(),
             Event::SpnRegistered {

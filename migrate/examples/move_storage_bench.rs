@@ -62,6 +62,7 @@ fn main() {
             storage: Some(StorageOptions {
                 target: StorageTarget::Folder(folder.clone()),
                 keep_source: false,
+                users: None,
             }),
             ..MoveOptions::default()
         };

@@ -169,7 +169,7 @@ fn main() {
             &roots,
             &LocalMoveOptions {
                 keep_source: true,
-                ..options
+                ..options.clone()
             },
             &AtomicBool::new(false),
             &mut |_| {},

@@ -89,6 +89,7 @@ fn main() {
         first,
         &VmOptions {
             console_log: Some(console.clone()),
+            ..VmOptions::default()
         },
     )
     .expect("create");

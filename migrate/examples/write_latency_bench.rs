@@ -223,6 +223,7 @@ fn main() {
         storage: Some(StorageOptions {
             target: StorageTarget::Folder(root.join("moved")),
             keep_source: false,
+            users: None,
         }),
         ..MoveOptions::default()
     };

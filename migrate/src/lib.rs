@@ -8,5 +8,6 @@
 pub mod disk;
 pub mod engine;
 pub mod protocol;
+pub mod qemu;
 pub mod storage;
 pub mod vm;

@@ -243,6 +243,10 @@ pub enum VmError {
 pub struct VmOptions {
     /// Where serial output goes (appended); none: discarded.
     pub console_log: Option<PathBuf>,
+    /// The host's storage roots: every disk and backing file of the VM is opened beneath
+    /// them ([`crate::storage::paths::StorageRoots::open_beneath`]), a disk outside them is
+    /// refused. `None`: disks are opened by their paths as given (tools and tests).
+    pub storage_roots: Option<crate::storage::paths::StorageRoots>,
 }
 
 /// A guest program's mailbox slot.
@@ -357,12 +361,21 @@ struct Skeleton {
     console: Option<File>,
     supported_cpuid: Vec<kvm_cpuid_entry2>,
     msr_candidates: Vec<u32>,
+    /// Where the disks are opened beneath (see [`VmOptions::storage_roots`]).
+    storage_roots: Option<crate::storage::paths::StorageRoots>,
 }
 
-fn open_disks(config: &VmConfig) -> Result<Vec<Arc<Disk>>, VmError> {
+fn open_disks(
+    config: &VmConfig,
+    roots: Option<&crate::storage::paths::StorageRoots>,
+) -> Result<Vec<Arc<Disk>>, VmError> {
     let mut disks = Vec::new();
     for (index, spec) in config.disks.iter().enumerate() {
-        let d = Disk::open(spec, true).map_err(|source| VmError::Disk { index, source })?;
+        let d = match roots {
+            Some(roots) => Disk::open_in(spec, true, roots),
+            None => Disk::open(spec, true),
+        }
+        .map_err(|source| VmError::Disk { index, source })?;
         disks.push(Arc::new(d));
     }
     Ok(disks)
@@ -458,7 +471,7 @@ fn skeleton(config: &VmConfig, options: &VmOptions, open_disks: bool) -> Result<
     }
 
     let disks = if open_disks {
-        self::open_disks(config)?
+        self::open_disks(config, options.storage_roots.as_ref())?
     } else {
         Vec::new()
     };
@@ -494,6 +507,7 @@ fn skeleton(config: &VmConfig, options: &VmOptions, open_disks: bool) -> Result<
         console,
         supported_cpuid,
         msr_candidates,
+        storage_roots: options.storage_roots.clone(),
     })
 }
 
@@ -1125,7 +1139,7 @@ impl PreparedVm {
                 return Err(VmError::CpuIncompatible { missing });
             }
         }
-        sk.disks = open_disks(&config)?;
+        sk.disks = open_disks(&config, sk.storage_roots.as_ref())?;
         let sizes: Vec<u64> = sk.disks.iter().map(|d| d.size()).collect();
         let regions = resolve_disk_regions(&config, &sizes)?;
         let blocks = sk

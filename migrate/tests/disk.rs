@@ -735,3 +735,98 @@ fn a_v2_overlay_larger_than_its_unnamed_format_raw_base() {
     );
     assert!(cmp.contains("Images are identical"), "{cmp}");
 }
+
+#[test]
+fn a_disk_opened_in_the_storage_roots_never_reaches_a_file_outside_them() {
+    use vmgate_migrate::storage::paths::StorageRoots;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let outside = dir.path().join("outside");
+    std::fs::create_dir_all(root.join("vm")).unwrap();
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("secret.raw"), vec![0x53u8; 1 << 20]).unwrap();
+    std::os::unix::fs::symlink(&outside, root.join("link")).unwrap();
+    std::fs::copy(outside.join("secret.raw"), outside.join("top.raw")).unwrap();
+    let roots = StorageRoots::new([&root]).unwrap();
+    let qcow2_on = |path: &Path, backing: &str| {
+        tool(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-u",
+                "-b",
+                backing,
+                "-F",
+                "raw",
+                s(path),
+                "1M",
+            ],
+        );
+    };
+    let deep = "../../../../../../../../../../../../../../../../etc/passwd";
+    for (why, spec, layer) in [
+        ("../../etc/passwd", root.join("vm/dotdot.qcow2"), 1),
+        ("an absolute reference", root.join("vm/abs.qcow2"), 1),
+        (
+            "a reference through a link",
+            root.join("vm/vialink.qcow2"),
+            1,
+        ),
+        ("the image through a link", root.join("link/top.raw"), 0),
+        ("an image outside", outside.join("top.raw"), 0),
+    ] {
+        match why {
+            "../../etc/passwd" => qcow2_on(&spec, deep),
+            "an absolute reference" => qcow2_on(&spec, s(&outside.join("secret.raw"))),
+            "a reference through a link" => qcow2_on(&spec, "../link/secret.raw"),
+            _ => {}
+        }
+        let format = if spec.extension().is_some_and(|e| e == "raw") {
+            DiskFormat::Raw
+        } else {
+            DiskFormat::Qcow2
+        };
+        let spec = DiskSpec { path: spec, format };
+        // Unconfined, the chain opens (what vmgate did before).
+        assert!(Disk::open(&spec, false).is_ok(), "{why}");
+        for e in [
+            Disk::open_in(&spec, false, &roots).unwrap_err(),
+            disk::chain_in(&spec, &roots).unwrap_err(),
+        ] {
+            assert!(
+                matches!(&e, DiskError::OutsideRoots { layer: l, .. } if *l == layer),
+                "{why}: {e:?}"
+            );
+            let text = e.to_string();
+            assert!(text.contains(s(&spec.path)), "{why}: {text}");
+            assert!(
+                !text.contains("passwd") && !text.contains("secret"),
+                "{why}: {text}"
+            );
+        }
+    }
+    // Inside, links and ".." that stay inside are followed.
+    std::fs::write(root.join("base.raw"), vec![0u8; 1 << 20]).unwrap();
+    std::os::unix::fs::symlink(root.join("base.raw"), root.join("vm/abs-inside.raw")).unwrap();
+    let ok = root.join("vm/ok.qcow2");
+    qcow2_on(&ok, "abs-inside.raw");
+    let ok2 = root.join("vm/ok2.qcow2");
+    qcow2_on(&ok2, "../base.raw");
+    for top in [ok, ok2] {
+        let d = Disk::open_in(
+            &DiskSpec {
+                path: top,
+                format: DiskFormat::Qcow2,
+            },
+            false,
+            &roots,
+        )
+        .unwrap();
+        assert_eq!(d.layers().len(), 2);
+        // Reopened beneath the same roots.
+        drop(d.reopen(false).unwrap());
+    }
+}

@@ -488,6 +488,8 @@ fn a_full_destination_gives_a_clear_error_and_leaves_nothing() {
     wait_counter(&vm, 0, 200);
     checks_pass(&vm);
     drop(vm);
+    // The roots hold the tmpfs open: close them before it is unmounted.
+    drop(roots);
     drop(small);
 }
 
@@ -744,6 +746,8 @@ fn a_destination_that_fills_up_while_parents_are_copied_keeps_nothing() {
     wait_counter(&vm, 0, 100);
     checks_pass(&vm);
     drop(vm);
+    // The roots hold the tmpfs open: close them before it is unmounted.
+    drop(roots);
     drop(small);
 }
 
@@ -789,4 +793,135 @@ fn a_second_move_of_a_disk_being_moved_is_refused_and_the_first_completes() {
     assert!(!root.join("second").exists());
     assert_eq!(vm.disk(0).unwrap().path(), report.destination);
     checks_pass(&vm);
+}
+
+#[test]
+fn a_file_another_vm_needs_is_kept_and_named_and_the_rest_goes() {
+    use std::sync::Arc;
+    use vmgate_migrate::storage::users::NeededFiles;
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    let (mid, top1) = three_layers(&src, "top1.qcow2");
+    let (_, top2) = three_layers(&src, "top2.qcow2");
+    let base = src.join("base.raw");
+    let root = canonical_dir(dir.path(), "root");
+    let roots = StorageRoots::new([&root]).unwrap();
+    let vm = vm_with_disk(dir.path(), &top1, "qcow2", 64);
+    vm.resume().unwrap();
+    wait_counter(&vm, 0, 50);
+    // A VM that is off, on top2: it needs mid and base (nobody has them open for it).
+    let mut needed = NeededFiles::new();
+    needed.add_chain(
+        "off-vm",
+        &DiskSpec {
+            path: top2.clone(),
+            format: DiskFormat::Qcow2,
+        },
+    );
+    let report = move_storage(
+        &vm,
+        0,
+        &root.join("vm/top1.qcow2"),
+        &roots,
+        &LocalMoveOptions {
+            users: Some(Arc::new(needed)),
+            ..LocalMoveOptions::default()
+        },
+        &AtomicBool::new(false),
+        &mut no_progress(),
+    )
+    .unwrap();
+    let files: Vec<(PathBuf, bool, Option<String>)> = report
+        .source_files
+        .iter()
+        .map(|f| (f.path.clone(), f.deleted, f.kept_because.clone()))
+        .collect();
+    let why = Some(
+        "VM off-vm still needs it (it is in the backing chain of one of its disks)".to_owned(),
+    );
+    assert_eq!(
+        files,
+        vec![
+            (top1.clone(), true, None),
+            (mid.clone(), false, why.clone()),
+            (base.clone(), false, why),
+        ]
+    );
+    assert!(!top1.exists() && mid.exists() && base.exists());
+    checks_pass(&vm);
+    // The VM that was off still opens its chain.
+    Disk::open(
+        &DiskSpec {
+            path: top2,
+            format: DiskFormat::Qcow2,
+        },
+        true,
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_second_storage_move_to_the_same_file_is_refused_and_the_first_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = canonical_dir(dir.path(), "root");
+    let roots = StorageRoots::new([&root]).unwrap();
+    let (a, b) = (dir.path().join("a/d0.raw"), dir.path().join("b/d0.raw"));
+    for d in [&a, &b] {
+        std::fs::create_dir_all(d.parent().unwrap()).unwrap();
+        raw_image(d, 8);
+    }
+    let vm_a = vm_with_disk(dir.path(), &a, "raw", 128);
+    let vm_b = vm_with_disk(dir.path(), &b, "raw", 128);
+    vm_a.resume().unwrap();
+    vm_b.resume().unwrap();
+    wait_counter(&vm_a, 0, 50);
+    wait_counter(&vm_b, 0, 50);
+    let target = root.join("shared/d0.raw");
+    let partial = root.join("shared/d0.raw.vmgate-partial");
+    let mut second = None;
+    let report = move_storage(
+        &vm_a,
+        0,
+        &target,
+        &roots,
+        &LocalMoveOptions::default(),
+        &AtomicBool::new(false),
+        &mut |p| {
+            if p.phase == MovePhase::Bulk && second.is_none() {
+                let before = std::fs::metadata(&partial).unwrap().len();
+                second = Some(
+                    move_storage(
+                        &vm_b,
+                        0,
+                        &target,
+                        &roots,
+                        &LocalMoveOptions::default(),
+                        &AtomicBool::new(false),
+                        &mut no_progress(),
+                    )
+                    .map(|_| ()),
+                );
+                // The first move's partial file is untouched.
+                assert_eq!(std::fs::metadata(&partial).unwrap().len(), before);
+            }
+        },
+    )
+    .unwrap();
+    let e = second.unwrap().unwrap_err();
+    let mut text = e.to_string();
+    let mut src = std::error::Error::source(&e);
+    while let Some(s) = src {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        src = s.source();
+    }
+    assert!(text.contains("being written by another move"), "{text}");
+    // The first completed onto its file; the second VM runs on its own, untouched.
+    assert_eq!(report.destination, target);
+    assert_eq!(vm_a.disk(0).unwrap().path(), target);
+    assert_eq!(vm_b.disk(0).unwrap().path(), b);
+    assert_eq!(files_under(&root), vec![target.clone()]);
+    checks_pass(&vm_a);
+    checks_pass(&vm_b);
 }

@@ -29,6 +29,7 @@ use vmgate_migrate::engine::{
     incompatibility, send_vm,
 };
 use vmgate_migrate::storage::local::release_files;
+use vmgate_migrate::storage::users::NeededFiles;
 use vmgate_migrate::vm::{Vm, VmConfig, VmOptions};
 
 /// One move at a time: they are heavy, and a `qemu-img` forked by another test would hold
@@ -95,6 +96,7 @@ fn storage(target: StorageTarget, keep_source: bool) -> MoveOptions {
         storage: Some(StorageOptions {
             target,
             keep_source,
+            users: None,
         }),
         ..MoveOptions::default()
     }
@@ -280,9 +282,9 @@ fn qcow2_chain_moves_and_a_second_vm_reuses_the_parents() {
     drop((d1, d2));
 
     // Both source VMs are gone: the parents can go (kept when asked).
-    let kept = release_files(&s2.source_parents, true);
+    let kept = release_files(&s2.source_parents, true, "chain2", &NeededFiles::new());
     assert!(kept.iter().all(|f| !f.deleted) && base.exists());
-    let released = release_files(&s1.source_parents, false);
+    let released = release_files(&s1.source_parents, false, "chain1", &NeededFiles::new());
     assert!(released.iter().all(|f| f.deleted), "{released:?}");
 
     for top in ["top1.qcow2", "top2.qcow2"] {
@@ -680,7 +682,8 @@ fn shared_storage_moves_only_memory_and_hands_the_lock_over() {
     let _one = serial();
     let dir = tempfile::tempdir().unwrap();
     let shared_dir = canonical_dir(dir.path(), "shared");
-    let (addr, results) = destination(Vec::new());
+    // The shared folder is one of the destination's storage roots.
+    let (addr, results) = destination(vec![shared_dir.clone()]);
     let (base, top) = shared_chain(&shared_dir);
     let vm = vm_with_disk(dir.path(), "sh1", &top, "qcow2", 200);
     vm.resume().unwrap();
@@ -729,6 +732,7 @@ fn a_failed_shared_storage_handoff_gives_the_images_back_to_the_source() {
             FaultPoint::BeforeResume => FaultAction::CutLinks,
             FaultPoint::AfterResume => FaultAction::Continue,
         })),
+        storage_roots: vec![shared_dir.clone()],
         ..DestinationOptions::default()
     });
     let (_base, top) = shared_chain(&shared_dir);
@@ -842,7 +846,7 @@ fn destination_with_own_mounts(over: &Path, file: Option<(PathBuf, Vec<u8>)>) ->
         if let Some((path, contents)) = file {
             std::fs::write(path, contents).unwrap();
         }
-        let (addr, results) = destination(Vec::new());
+        let (addr, results) = destination(vec![over]);
         tx.send(addr).unwrap();
         // Keep the namespace's threads alive while the test runs.
         while results.recv().is_ok() {}
@@ -883,4 +887,177 @@ fn handed_over_images_are_taken_back_only_once_no_other_host_writes_them() {
     wait_counter(&vm, 0, 250);
     assert_checks_pass(&vm);
     assert!(second_writer_refused(&top, DiskFormat::Qcow2));
+}
+
+#[test]
+fn a_shared_image_or_chain_outside_the_roots_is_refused_with_1009_and_names_the_disk() {
+    let _one = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let shared_dir = canonical_dir(dir.path(), "shared");
+    let outside = canonical_dir(dir.path(), "outside");
+    // What a crafted chain points at: a file outside the destination's roots (the source,
+    // which runs the VM unconfined here, can open it).
+    raw_image(&outside.join("secret.raw"), 2);
+    std::os::unix::fs::symlink(&outside, shared_dir.join("link")).unwrap();
+    let deep = shared_dir.join("a/b");
+    std::fs::create_dir_all(&deep).unwrap();
+    let (addr, _results) = destination(vec![shared_dir.clone()]);
+
+    let outside_abs = outside.join("secret.raw");
+    let in_outside = outside.join("top.qcow2");
+    qcow2_on(&in_outside, "secret.raw", "raw");
+    for (why, top, reference) in [
+        (
+            "a relative reference with ..",
+            deep.join("dotdot.qcow2"),
+            Some("../../../outside/secret.raw"),
+        ),
+        (
+            "an absolute reference",
+            shared_dir.join("abs.qcow2"),
+            Some(s(&outside_abs)),
+        ),
+        (
+            "a reference through a link",
+            shared_dir.join("vialink.qcow2"),
+            Some("link/secret.raw"),
+        ),
+        (
+            "the image itself through a link",
+            shared_dir.join("link/top.qcow2"),
+            None,
+        ),
+    ] {
+        if let Some(reference) = reference {
+            qcow2_on(&top, reference, "raw");
+        }
+        let vm = vm_with_disk(dir.path(), "shx", &top, "qcow2", 64);
+        vm.resume().unwrap();
+        wait_counter(&vm, 0, 50);
+        let report = compare_vm(
+            &vm,
+            Link::tcp(TcpStream::connect(addr).unwrap()).unwrap(),
+            &shared(1),
+        )
+        .unwrap();
+        assert_eq!(report.len(), 1, "{why}: {report:?}");
+        assert_eq!(report[0].0, incompatibility::STORAGE, "{why}: {report:?}");
+        let text = &report[0].1;
+        eprintln!("{why}: {text}");
+        assert!(
+            text.starts_with(&format!("disk 0 ({})", s(&top))),
+            "{why}: {text}"
+        );
+        assert!(
+            text.contains("outside this host's storage roots"),
+            "{why}: {text}"
+        );
+        // Nothing of what the files hold: not the reference, not the file it names.
+        assert!(!text.contains("secret"), "{why}: {text}");
+        match move_vm(&vm, addr, &shared(1), &CancelToken::new()) {
+            Err(MoveError::Incompatible { report }) => {
+                assert_eq!(report.len(), 1, "{why}: {report:?}");
+                assert_eq!(report[0].0, 1009, "{why}: {report:?}");
+            }
+            other => panic!("{why}: expected a refusal, got {other:?}"),
+        }
+        // The VM runs here on its image, which it still holds.
+        assert!(vm.running(), "{why}");
+        wait_counter(&vm, 0, 50);
+        assert_checks_pass(&vm);
+        vm.pause().unwrap();
+        drop(vm);
+    }
+}
+
+#[test]
+fn a_move_and_a_storage_move_to_the_same_file_never_touch_each_others_files() {
+    use std::sync::atomic::AtomicBool;
+    use vmgate_migrate::storage::local::{LocalMoveOptions, MovePhase, move_storage};
+    use vmgate_migrate::storage::paths::StorageRoots;
+    let _one = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let src = canonical_dir(dir.path(), "src");
+    let root = canonical_dir(dir.path(), "root");
+    let (addr, results) = destination(vec![root.clone()]);
+    let folder = root.join("vm");
+    // VM a moves its storage into root/vm/d0.raw on this host ...
+    let disk_a = src.join("a/d0.raw");
+    std::fs::create_dir_all(disk_a.parent().unwrap()).unwrap();
+    raw_image(&disk_a, 8);
+    let vm_a = vm_with_disk(dir.path(), "conc-a", &disk_a, "raw", 128);
+    vm_a.resume().unwrap();
+    wait_counter(&vm_a, 0, 50);
+    // ... while VM b arrives in a move whose destination is the very same file.
+    let disk_b = src.join("b/d0.raw");
+    std::fs::create_dir_all(disk_b.parent().unwrap()).unwrap();
+    raw_image(&disk_b, 8);
+    let vm_b = vm_with_disk(dir.path(), "conc-b", &disk_b, "raw", 128);
+    vm_b.resume().unwrap();
+    wait_counter(&vm_b, 0, 50);
+
+    let roots = StorageRoots::new([&root]).unwrap();
+    let mut second: Option<Result<vmgate_migrate::engine::MoveStats, MoveError>> = None;
+    let partial = folder.join("d0.raw.vmgate-partial");
+    let report = move_storage(
+        &vm_a,
+        0,
+        &folder.join("d0.raw"),
+        &roots,
+        &LocalMoveOptions::default(),
+        &AtomicBool::new(false),
+        &mut |p| {
+            if p.phase == MovePhase::Bulk && second.is_none() {
+                // The first move writes its partial file now; the second move runs to its end.
+                let before = std::fs::metadata(&partial).map(|m| m.len());
+                second = Some(move_vm(
+                    &vm_b,
+                    addr,
+                    &storage(StorageTarget::Folder(folder.clone()), false),
+                    &CancelToken::new(),
+                ));
+                assert_eq!(
+                    std::fs::metadata(&partial).map(|m| m.len()).ok(),
+                    before.ok(),
+                    "the refused move touched the first move's file"
+                );
+            }
+        },
+    )
+    .unwrap();
+    // The second is refused, and says why; its VM runs on at the source on its own file.
+    match second.unwrap() {
+        Err(e @ MoveError::Failed { .. }) => {
+            let text = e.to_string();
+            assert!(text.contains("being written by another move"), "{text}");
+            assert!(e.vm_runs_here());
+        }
+        other => panic!("expected the second move to be refused, got {other:?}"),
+    }
+    match results.recv_timeout(Duration::from_secs(30)).unwrap() {
+        Received::Discarded(_) => {}
+        other => panic!("the destination kept something: {other:?}"),
+    }
+    assert!(vm_b.running());
+    assert!(disk_b.exists());
+    assert_checks_pass(&vm_b);
+    // The first completed onto its file, undamaged.
+    assert_eq!(report.destination, folder.join("d0.raw"));
+    assert_eq!(vm_a.disk(0).unwrap().path(), folder.join("d0.raw"));
+    assert_checks_pass(&vm_a);
+    assert_eq!(files_under(&root), vec![folder.join("d0.raw")]);
+    vm_a.pause().unwrap();
+    vm_a.flush_disks().unwrap();
+    let moved = std::fs::read(folder.join("d0.raw")).unwrap();
+    let original_tail = {
+        let mut d = vec![0u8; 8 << 20];
+        for (i, b) in d.iter_mut().enumerate().skip(1 << 20) {
+            *b = u8::try_from((i / 4096) % 251).unwrap() ^ 0x5A;
+        }
+        d
+    };
+    assert!(
+        moved[1 << 20..] == original_tail[1 << 20..],
+        "the data beyond the guest's region changed"
+    );
 }

@@ -65,6 +65,7 @@ fn memstress_runs_markers_arrive_and_staircase_holds_at_every_pause() {
         config(MEMSTRESS_2, dir.path()),
         &VmOptions {
             console_log: Some(console.clone()),
+            ..VmOptions::default()
         },
     )
     .unwrap();
@@ -377,6 +378,7 @@ format = "qcow2"
         config(text, d),
         &VmOptions {
             console_log: Some(console.clone()),
+            ..VmOptions::default()
         },
     )
     .unwrap();

@@ -196,6 +196,7 @@ pub async fn start(
         let sink = progress.clone();
         let (job_id, vm_name) = (id.clone(), name.clone());
         let keep_source = spec.keep_source;
+        let inventory = d.inventory.clone();
         let ran = blocking(move || {
             let run = StorageRun {
                 job: &job_id,
@@ -204,6 +205,7 @@ pub async fn start(
                 roots: &roots,
                 options: LocalMoveOptions {
                     keep_source,
+                    users: Some(Arc::new(inventory)),
                     ..LocalMoveOptions::default()
                 },
                 limiter: limiter.as_ref(),

@@ -19,7 +19,6 @@
 
 #![forbid(unsafe_code)]
 
-pub mod directory;
 pub mod pending;
 
 use std::net::{SocketAddr, TcpStream};
@@ -27,7 +26,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tracing::Instrument;
-use vmgate_auth::authz::Authorizer;
 use vmgate_auth::channel::{
     ChannelError, Incoming as Connection, Purpose, ServerChannel, ServerSettings,
 };
@@ -46,21 +44,14 @@ use pending::{DEFAULT_PER_PEER, Pending};
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Handshakes at once.
 pub const MAX_HANDSHAKES: usize = vmgate_auth::channel::DEFAULT_MAX_HANDSHAKES;
-/// The time one directory operation of a group lookup may take.
-pub const DIRECTORY_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The gateway's settings for this host: its identity from its keytab, the admin group
-/// (looked up in the directory as the host: over `ldap://` with ldap3's async client on
-/// `runtime`, [`directory::AsyncGroups`]; over `ldaps://` with the auth crate's directory
-/// client), and no connection-level network filter (control connections may come from
-/// anywhere; moves only from the migration networks, see
-/// [`ServerSettings::migration_filter`]).
-pub fn settings(
-    config: &Config,
-    runtime: tokio::runtime::Handle,
-) -> Result<ServerSettings, GatewayError> {
-    let url = &config.directory.url;
-    let sealed = url.to_ascii_lowercase().starts_with("ldap://");
+/// The gateway's settings for this host: its identity from its keytab; who may connect — the
+/// admin group's users (looked up in the directory as the host), the peer hosts for moves in
+/// host-identity mode, the trusted realms; and no connection-level network filter (control
+/// connections may come from anywhere; moves only from the migration networks, see
+/// [`ServerSettings::migration_filter`]). Blocks (the admin group is resolved in the
+/// directory).
+pub fn settings(config: &Config) -> Result<ServerSettings, GatewayError> {
     let [_, spn] = config.migration_spns().map_err(GatewayError::Spn)?;
     let id = HostIdentity {
         keytab: config.keytab.clone(),
@@ -71,27 +62,15 @@ pub fn settings(
     };
     let admit = Admission {
         principals: Vec::new(),
-        groups: if sealed {
-            Vec::new()
-        } else {
-            vec![config.admin_group.clone()]
-        },
-        ldap_url: (!sealed).then(|| url.clone()),
+        groups: vec![config.admin_group.clone()],
+        trusted_realms: config.trusted_realms.clone(),
+        peer_hosts: config.migration.peer_hosts.clone(),
+        ldap_url: Some(config.directory.url.clone()),
         ldap_ca: config.directory.ca_file.clone(),
         networks: vec!["any".into()],
     };
-    let (mut settings, _groups) = server_settings(&id, &admit, HANDSHAKE_TIMEOUT, MAX_HANDSHAKES)
+    let (settings, _groups) = server_settings(&id, &admit, HANDSHAKE_TIMEOUT, MAX_HANDSHAKES)
         .map_err(GatewayError::Settings)?;
-    if sealed {
-        let groups = directory::AsyncGroups::new(
-            url.clone(),
-            vmgate_auth::host::url_host(url).unwrap_or_default(),
-            DIRECTORY_TIMEOUT,
-            runtime,
-        );
-        settings.authorizer = Authorizer::new(settings.host_name.clone())
-            .allow_group(config.admin_group.clone(), Arc::new(groups));
-    }
     Ok(settings)
 }
 
@@ -334,9 +313,9 @@ impl Gateway {
                 self.events.emit(Event::GatewayRefused {
                     peer: addr.to_string(),
                     principal,
-                    reason: d.cause,
                     code: d.code.hex(),
                     code_name: d.code.name().to_owned(),
+                    cause: d.cause,
                 });
             }
             None => tracing::info!(

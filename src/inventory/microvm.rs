@@ -47,7 +47,7 @@ pub fn resume(name: &str, vm: &Vm) -> Result<(), VmError> {
         vm.reacquire_disks(Duration::from_secs(2))
             .map_err(|reason| VmError::DisksHeld {
                 name: name.to_owned(),
-                reason,
+                reason: Box::new(reason),
             })?;
     }
     vm.resume().map_err(failed(name, "resuming"))

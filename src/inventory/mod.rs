@@ -16,6 +16,9 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use vmgate_control::api::ErrorCode;
 use vmgate_control::api::vm::{Backend, NicInfo, VmCheckReport, VmDetail, VmState, VmSummary};
+use vmgate_migrate::disk::DiskError;
+use vmgate_migrate::storage::paths::{StoragePathError, StorageRoots};
+use vmgate_migrate::storage::users::{DiskUsers, NeededFiles};
 use vmgate_migrate::vm::{Vm, VmConfig, VmOptions};
 
 use crate::caller::Caller;
@@ -122,13 +125,29 @@ pub enum VmError {
         "{name} stays paused: its disks were handed over to another host and cannot be taken \
          back ({}); stop the VM where it runs now (vmgate vm list on the destination), then \
          resume it here",
-        vmgate_control::error::chain(.reason)
+        vmgate_control::error::chain(&**.reason)
     )]
     DisksHeld {
         /// The VM.
         name: String,
         /// Why they cannot be taken back.
-        reason: vmgate_migrate::vm::disk_swap::DiskSwapError,
+        reason: Box<vmgate_migrate::vm::disk_swap::DiskSwapError>,
+    },
+    /// The storage roots cannot be opened, so no disk can.
+    #[error("this host cannot open VM disks")]
+    Roots(#[source] StoragePathError),
+    /// A disk or one of its backing files is outside the storage roots (or unreadable).
+    #[error("disk {index} of {name} ({}) cannot be used", path.display())]
+    Disk {
+        /// The VM.
+        name: String,
+        /// The disk.
+        index: usize,
+        /// Its file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: Box<DiskError>,
     },
     /// The console folder cannot be made.
     #[error("cannot create {}", path.display())]
@@ -177,7 +196,9 @@ impl VmError {
             | VmError::AlreadyRunning(_)
             | VmError::AlreadyPaused(_)
             | VmError::Changed(_)
-            | VmError::DisksHeld { .. } => ErrorCode::Refused,
+            | VmError::DisksHeld { .. }
+            | VmError::Roots(_)
+            | VmError::Disk { .. } => ErrorCode::Refused,
             VmError::ConsoleDir { .. } | VmError::Console { .. } | VmError::Backend { .. } => {
                 ErrorCode::Failed
             }
@@ -185,11 +206,13 @@ impl VmError {
     }
 }
 
-/// The VMs of this host, and where their console logs go. Cheap to clone.
+/// The VMs of this host, where their console logs go, and the storage roots their disks must
+/// be in. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Inventory {
     list: Arc<Mutex<Vec<HostedVm>>>,
     console_dir: PathBuf,
+    storage_roots: Vec<PathBuf>,
 }
 
 fn find<'a>(list: &'a [HostedVm], name: &str) -> Result<&'a HostedVm, VmError> {
@@ -205,12 +228,19 @@ fn find_mut<'a>(list: &'a mut [HostedVm], name: &str) -> Result<&'a mut HostedVm
 }
 
 impl Inventory {
-    /// No VMs yet; console logs go to `console_dir`.
-    pub fn new(console_dir: PathBuf) -> Inventory {
+    /// No VMs yet; console logs go to `console_dir`; disks are opened beneath
+    /// `storage_roots`.
+    pub fn new(console_dir: PathBuf, storage_roots: Vec<PathBuf>) -> Inventory {
         Inventory {
             list: Arc::default(),
             console_dir,
+            storage_roots,
         }
+    }
+
+    /// The storage roots, open (a VM's disks are opened beneath them).
+    fn roots(&self) -> Result<StorageRoots, VmError> {
+        StorageRoots::new(&self.storage_roots).map_err(VmError::Roots)
     }
 
     fn lock(&self) -> MutexGuard<'_, Vec<HostedVm>> {
@@ -229,6 +259,7 @@ impl Inventory {
         let _ = std::fs::create_dir_all(&self.console_dir);
         VmOptions {
             console_log: Some(self.console_path(name)),
+            ..VmOptions::default()
         }
     }
 
@@ -354,6 +385,23 @@ impl Inventory {
         if self.contains(&name) {
             return Err(VmError::Exists(name));
         }
+        // Every disk and backing file inside the storage roots (checked here for a clear
+        // refusal; the VM then opens them beneath the roots).
+        let roots = self.roots()?;
+        match &definition {
+            Definition::Microvm(c) => {
+                for (index, spec) in c.disks.iter().enumerate() {
+                    vmgate_migrate::disk::chain_in(spec, &roots).map_err(|source| {
+                        VmError::Disk {
+                            name: name.clone(),
+                            index,
+                            path: spec.path.clone(),
+                            source: Box::new(source),
+                        }
+                    })?;
+                }
+            }
+        }
         let instance = self.boot(&definition)?;
         self.add(instance, "created here".into())?;
         Ok(name)
@@ -366,7 +414,9 @@ impl Inventory {
         })?;
         match definition {
             Definition::Microvm(c) => {
-                microvm::boot(c.clone(), &self.options_for(&c.name)).map(Instance::Microvm)
+                let mut options = self.options_for(&c.name);
+                options.storage_roots = Some(self.roots()?);
+                microvm::boot(c.clone(), &options).map(Instance::Microvm)
             }
         }
     }
@@ -469,6 +519,36 @@ impl Inventory {
         f.take(max).read_to_end(&mut buf).map_err(read_err)?;
         let next = from + u64::try_from(buf.len()).unwrap_or(0);
         Ok((String::from_utf8_lossy(&buf).into_owned(), next))
+    }
+}
+
+/// The inventory's disks, for moves that delete old files: every file in the chain of every
+/// disk of every VM here, running (its open disks) or off (its definition).
+impl DiskUsers for Inventory {
+    fn needed_files(&self) -> NeededFiles {
+        let vms: Vec<(Definition, Option<Instance>)> = self
+            .lock()
+            .iter()
+            .map(|h| (h.definition.clone(), h.instance.clone()))
+            .collect();
+        let mut out = NeededFiles::new();
+        for (definition, instance) in vms {
+            match (definition, instance) {
+                (Definition::Microvm(config), Some(Instance::Microvm(vm))) => {
+                    for i in 0..vm.disk_specs().len() {
+                        if let Some(d) = vm.disk(i) {
+                            out.add_layers(&config.name, d.layers());
+                        }
+                    }
+                }
+                (Definition::Microvm(config), None) => {
+                    for spec in &config.disks {
+                        out.add_chain(&config.name, spec);
+                    }
+                }
+            }
+        }
+        out
     }
 }
 

@@ -19,6 +19,7 @@ pub mod storage;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use vmgate_auth::Diagnosis;
@@ -37,6 +38,7 @@ use vmgate_migrate::engine::{
 };
 use vmgate_migrate::protocol::{Compression, ProtocolVersion};
 use vmgate_migrate::storage::local::release_files;
+use vmgate_migrate::storage::users::DiskUsers;
 
 use crate::adapter::{ActingDialer, ChannelDialer};
 use crate::caller::Caller;
@@ -110,6 +112,7 @@ pub fn storage_options(spec: &MoveSpec) -> Result<Option<StorageOptions>, PlanEr
     Ok(Some(StorageOptions {
         target,
         keep_source: spec.keep_source,
+        users: None,
     }))
 }
 
@@ -366,7 +369,11 @@ impl Moves {
         }
         let spn = Spn::new(&self.settings.file().spn_class, &spec.destination)?;
         let switch_map = parse_switch_map(&spec.switch_map)?;
-        let storage = storage_options(spec)?;
+        // The inventory keeps files other VMs need from being deleted after the move.
+        let storage = storage_options(spec)?.map(|s| StorageOptions {
+            users: Some(Arc::new(self.inventory.clone()) as Arc<dyn DiskUsers>),
+            ..s
+        });
         let mut options = self.options(&switch_map);
         options.storage = storage;
         Ok(Plan {
@@ -471,7 +478,12 @@ impl Moves {
             // VM is gone, and may be shared with other VMs (those are kept).
             let Instance::Microvm(vm) = instance;
             crate::inventory::microvm::stop(vm);
-            release_files(&stats.source_parents, storage.keep_source);
+            release_files(
+                &stats.source_parents,
+                storage.keep_source,
+                &plan.vm,
+                &self.inventory,
+            );
         }
         outcome.result = result;
         (outcome, report)

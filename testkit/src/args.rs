@@ -35,9 +35,16 @@ pub struct HostArgs {
     /// A principal allowed to connect (repeatable).
     #[arg(long)]
     pub allow: Vec<String>,
-    /// An AD group whose members may connect (repeatable; needs --ldap-url).
+    /// An AD group whose members may connect: a DN, a SID, or a unique name (repeatable;
+    /// needs --ldap-url).
     #[arg(long)]
     pub allow_group: Vec<String>,
+    /// A realm besides the host's whose principals are accepted (repeatable).
+    #[arg(long)]
+    pub trusted_realm: Vec<String>,
+    /// A host (`hv1`) that may open migration channels as itself (repeatable).
+    #[arg(long)]
+    pub peer_host: Vec<String>,
     /// LDAP URL for group lookups (`ldap://DC` binds with GSSAPI sealing as the host).
     #[arg(long)]
     pub ldap_url: Option<String>,
@@ -78,6 +85,8 @@ impl HostArgs {
             Admission {
                 principals: self.allow,
                 groups: self.allow_group,
+                trusted_realms: self.trusted_realm,
+                peer_hosts: self.peer_host,
                 ldap_url: self.ldap_url,
                 ldap_ca: self.ldap_ca,
                 networks: self.networks,

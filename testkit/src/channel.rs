@@ -399,6 +399,11 @@ impl Proc {
 }
 
 pub fn spawn(name: &str, args: &[String], extra_env: &[(&str, &Path)]) -> Proc {
+    try_spawn(name, args, extra_env).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+/// Like [`spawn`], but a probe that fails at start returns its error event.
+pub fn try_spawn(name: &str, args: &[String], extra_env: &[(&str, &Path)]) -> Result<Proc, Value> {
     let e = env();
     let mut cmd = Command::new(probe());
     cmd.args(args)
@@ -434,14 +439,18 @@ pub fn spawn(name: &str, args: &[String], extra_env: &[(&str, &Path)]) -> Proc {
     let listening = events.wait_for(&format!("{name} to listen"), Duration::from_secs(10), |v| {
         v["event"] == "listening" || v["event"] == "error"
     });
-    assert_eq!(listening["event"], "listening", "{name}: {listening}");
+    if listening["event"] != "listening" {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(listening);
+    }
     let addr = listening["addr"].as_str().unwrap().parse().unwrap();
-    Proc {
+    Ok(Proc {
         child,
         events,
         addr,
         name: name.to_owned(),
-    }
+    })
 }
 
 /// Options of a serving host.
@@ -451,7 +460,13 @@ pub struct Serve<'a> {
     pub ip: &'a str,
     pub keytab: &'a Path,
     pub allow_group: bool,
+    /// The group for `allow_group` (a name, a DN or a SID).
+    pub group: String,
     pub allow: Vec<String>,
+    /// Hosts that may open migration channels as themselves (`--peer-host`).
+    pub peer_hosts: Vec<String>,
+    /// Realms trusted besides the domain's (`--trusted-realm`).
+    pub trusted_realms: Vec<String>,
     pub networks: &'a str,
     pub timeout_ms: u64,
     pub max_handshakes: usize,
@@ -466,7 +481,10 @@ impl<'a> Serve<'a> {
             ip,
             keytab,
             allow_group: true,
+            group: GROUP.to_owned(),
             allow: Vec::new(),
+            peer_hosts: Vec::new(),
+            trusted_realms: Vec::new(),
             networks: "127.0.0.0/8",
             timeout_ms: 5_000,
             max_handshakes: 64,
@@ -476,6 +494,12 @@ impl<'a> Serve<'a> {
     }
 
     pub fn start(&self) -> Proc {
+        self.try_start()
+            .unwrap_or_else(|e| panic!("{} did not start: {e}", self.host))
+    }
+
+    /// Starts the host; a host that refuses to start returns its error event.
+    pub fn try_start(&self) -> Result<Proc, Value> {
         let e = env();
         let mut args: Vec<String> = vec![
             "serve".into(),
@@ -504,13 +528,19 @@ impl<'a> Serve<'a> {
         if self.allow_group {
             args.extend([
                 "--allow-group".into(),
-                GROUP.into(),
+                self.group.clone(),
                 "--ldap-url".into(),
                 ldap_url(),
             ]);
         }
         for a in &self.allow {
             args.extend(["--allow".into(), a.clone()]);
+        }
+        for h in &self.peer_hosts {
+            args.extend(["--peer-host".into(), h.clone()]);
+        }
+        for r in &self.trusted_realms {
+            args.extend(["--trusted-realm".into(), r.clone()]);
         }
         if let Some((to, s)) = &self.relay_to {
             args.extend([
@@ -524,7 +554,7 @@ impl<'a> Serve<'a> {
                 args.extend(["--ldap-url".into(), ldap_url()]);
             }
         }
-        spawn(self.host, &args, &[])
+        try_spawn(self.host, &args, &[])
     }
 }
 
@@ -538,6 +568,110 @@ pub fn unique() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
     N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Runs the probe with `args` and returns its last JSON line and exit status.
+pub fn run_probe(args: &[String], envs: &[(&str, String)]) -> (Value, bool) {
+    let e = env();
+    let mut cmd = Command::new(probe());
+    cmd.args(args)
+        .env("KRB5_CONFIG", &e.krb5_config)
+        .env("VMGATE_REALM", &e.realm)
+        .env_remove("KRB5CCNAME");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run vmgate-channel");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().last().unwrap_or_else(|| {
+        panic!(
+            "no output from {args:?}; stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let v: Value = serde_json::from_str(line).unwrap_or_else(|_| panic!("not JSON: {line}"));
+    (v, out.status.success())
+}
+
+/// Connects to `to` (whose migration SPN is `target_host`'s) as the host `host` with its own
+/// keytab, for `purpose` (`control` or `migration`).
+pub fn connect_as_host(
+    to: SocketAddr,
+    target_host: &str,
+    host: &str,
+    keytab: &Path,
+    purpose: &str,
+) -> (Value, bool) {
+    run_probe(
+        &[
+            "connect".into(),
+            "--to".into(),
+            to.to_string(),
+            "--spn".into(),
+            spn(target_host),
+            "--keytab".into(),
+            keytab.display().to_string(),
+            "--account".into(),
+            format!("{host}$"),
+            "--purpose".into(),
+            purpose.into(),
+            "--send".into(),
+            format!("from {host}"),
+        ],
+        &[],
+    )
+}
+
+/// Creates (or re-creates) a user `CN=name,CN=Users` with `sAMAccountName` `name`.
+pub fn create_user(name: &str, password: &str) -> String {
+    let dn = format!("CN={name},CN=Users,{}", env().base_dn);
+    ldapdelete_if_exists(&dn);
+    ldapmodify(&format!(
+        "dn: {dn}\nchangetype: add\nobjectClass: user\nsAMAccountName: {name}\n\
+         userPrincipalName: {name}@{realm}\nunicodePwd:: {pw}\nuserAccountControl: {uac}\n",
+        realm = env().realm,
+        pw = unicode_pwd(password),
+        uac = 0x200 | 0x10000,
+    ));
+    dn
+}
+
+/// Creates (or re-creates) a security group at `dn` with `sAMAccountName` `sam` and members.
+pub fn create_group(dn: &str, sam: &str, members: &[String]) {
+    ldapdelete_if_exists(dn);
+    let mut ldif = format!(
+        "dn: {dn}\nchangetype: add\nobjectClass: group\nsAMAccountName: {sam}\n\
+         groupType: -2147483646\n"
+    );
+    for m in members {
+        ldif.push_str(&format!("member: {m}\n"));
+    }
+    ldapmodify(&ldif);
+}
+
+/// A credential cache for `principal` (kinit with `password`) at a fresh path.
+pub fn kinit(principal: &str, password: &str, tag: &str) -> PathBuf {
+    let e = env();
+    let cc = e.work.join(format!("{tag}.ccache"));
+    let _ = std::fs::remove_file(&cc);
+    let mut child = Command::new("kinit")
+        .env("KRB5_CONFIG", &e.krb5_config)
+        .arg("-c")
+        .arg(format!("FILE:{}", cc.display()))
+        .arg(principal)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    writeln!(child.stdin.take().unwrap(), "{password}").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "kinit {principal}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    cc
 }
 
 /// Runs `vmgate-channel connect` and returns its JSON line and exit status.

@@ -1,6 +1,7 @@
 //! Three vmgated hosts (hv1–hv3 on 127.0.0.11–13) against the Samba test domain, laid out as
 //! the demo lab lays them out (`$VMGATE_LAB_DIR/hvN/vmgated.toml`), so that the `vmgate` CLI
-//! reaches them with `--host hvN`. Each lab has its own folder and ports.
+//! reaches them with `--host hvN`. Each lab has its own folder and ports. Each host's storage
+//! roots are its own `hvN/vms` and the lab's `shared` folder (shared storage).
 
 use std::io::Write;
 use std::net::TcpListener;
@@ -156,7 +157,7 @@ krb5_config = "{krb5}"
 state_dir = "{state}"
 control_socket = "{socket}"
 admin_group = "Hyper-V Administrators"
-storage_roots = ["{vms}"]
+storage_roots = ["{vms}", "{shared}"]
 
 [directory]
 url = "ldap://{dc}"
@@ -172,9 +173,11 @@ any_network = true
             state = hdir.join("state").display(),
             socket = hdir.join("vmgated.sock").display(),
             vms = hdir.join("vms").display(),
+            shared = self.shared().display(),
             dc = e.dc_ip,
         );
         std::fs::create_dir_all(hdir.join("vms")).unwrap();
+        std::fs::create_dir_all(self.shared()).unwrap();
         let path = hdir.join("vmgated.toml");
         std::fs::write(&path, config).unwrap();
         let log = std::fs::File::create(hdir.join("vmgated.log")).unwrap();
@@ -236,6 +239,12 @@ any_network = true
                 .unwrap(),
         );
         self.wait_serving(i);
+    }
+
+    /// The folder every host of the lab sees at the same path (shared storage): a storage
+    /// root of each, next to its own `vms` folder.
+    pub fn shared(&self) -> PathBuf {
+        self.dir.path().join("shared")
     }
 
     pub fn host(&self, name: &str) -> &Host {

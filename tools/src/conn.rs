@@ -10,7 +10,10 @@
 //! | `--insecure-skip-tls-verify` | — | do not verify the DC's certificate (lab use only) |
 //!
 //! Without `--gssapi` and without a bind user, the bind uses Kerberos, as Windows tools use the
-//! logged-on user. With a bind user and no password file, the password is asked for on the
+//! logged-on user. Without a URL, the domain controller is found the way a joined host finds it:
+//! the realm from krb5.conf's `default_realm`, the DCs from DNS (`_ldap._tcp.dc._msdcs.<domain>`
+//! SRV records), the first that answers (see [`vmgate_auth::discover`]); a simple bind then uses
+//! StartTLS, its certificate checked against the system's trust store by the DC's name. With a bind user and no password file, the password is asked for on the
 //! terminal (without echo) — only when standard input is a terminal; otherwise it is an error.
 //!
 //! Other commands reuse this: flatten [`ConnArgs`] into their clap arguments and call
@@ -66,6 +69,9 @@ pub enum ConnError {
     /// No URL from the flag or the variable.
     #[error("no directory given: pass --ldap-url or set VMGATE_LDAP_URL")]
     MissingUrl,
+    /// No URL was given and none could be found (realm, DNS).
+    #[error("no directory given (--ldap-url) and none found: {}", crate::output::error_chain(.0))]
+    Discover(#[source] Box<vmgate_auth::discover::DiscoverError>),
     /// The password file cannot be read.
     #[error("cannot read the password file {}", path.display())]
     PasswordFile {
@@ -106,6 +112,10 @@ impl ConnError {
     pub fn exit_code(&self) -> u8 {
         match self {
             ConnError::Directory(e) => directory_exit_code(e),
+            ConnError::Discover(e) => match e.directory_error() {
+                Some(d) => directory_exit_code(d),
+                None => exit::UNREACHABLE,
+            },
             _ => exit::USAGE,
         }
     }
@@ -114,6 +124,7 @@ impl ConnError {
     pub fn diagnosis(&self) -> Option<Diagnosis> {
         match self {
             ConnError::Directory(e) => e.diagnosis(),
+            ConnError::Discover(e) => e.directory_error().and_then(DirectoryError::diagnosis),
             _ => None,
         }
     }
@@ -202,6 +213,11 @@ impl ConnArgs {
             .clone()
             .filter(|u| !u.trim().is_empty())
             .ok_or(ConnError::MissingUrl)?;
+        self.config_for(url)
+    }
+
+    /// The configuration for `url` from these arguments (reads the password file or asks).
+    fn config_for(&self, url: String) -> Result<DirectoryConfig, ConnError> {
         let user = self.bind_user.clone().filter(|u| !u.trim().is_empty());
         let bind = match (self.gssapi, user) {
             (true, _) => Bind::Gssapi,
@@ -228,9 +244,37 @@ impl ConnArgs {
         Ok(config)
     }
 
-    /// Connects and binds.
+    /// Connects and binds: to the URL given, else to the first domain controller DNS names
+    /// for krb5.conf's default realm.
     pub fn connect(&self) -> Result<Directory, ConnError> {
-        Ok(Directory::connect(&self.config()?)?)
+        let args = self.with_env(|name| std::env::var(name).ok());
+        if args
+            .ldap_url
+            .as_deref()
+            .is_some_and(|u| !u.trim().is_empty())
+        {
+            return Ok(Directory::connect(&args.resolved_config()?)?);
+        }
+        let realm =
+            vmgate_auth::discover::default_realm().map_err(|e| ConnError::Discover(Box::new(e)))?;
+        // The bind (and a password prompt) is settled once, before any DC is tried.
+        let base = args.config_for(String::new())?;
+        vmgate_auth::discover::connect_directory(
+            &realm,
+            base.bind.clone(),
+            base.ca_file.clone(),
+            |c| {
+                c.tls = base.tls;
+            },
+        )
+        .map_err(|e| match *Box::new(e) {
+            vmgate_auth::discover::DiscoverError::DirectoryUnavailable { source, .. }
+                if source.kind() != ErrorKind::Unreachable =>
+            {
+                ConnError::Directory(*source)
+            }
+            other => ConnError::Discover(Box::new(other)),
+        })
     }
 }
 

@@ -10,6 +10,7 @@ pub mod control;
 pub mod delegation;
 pub mod doctor;
 pub mod exit;
+pub mod keytab;
 pub mod manage;
 pub mod output;
 pub mod spn;

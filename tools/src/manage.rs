@@ -130,6 +130,9 @@ pub enum HostCommand {
     },
     /// Refuse live moves (Disable-VMMigration).
     Disable,
+    /// This host's keytab: refresh (a new machine password and keys, as `adcli update`).
+    #[command(subcommand)]
+    Keytab(crate::keytab::KeytabCommand),
 }
 
 /// `vmgate host set`
@@ -607,6 +610,8 @@ fn host_text(h: &HostInfo) -> String {
 /// `vmgate host ...`
 pub fn run_host(conn: &Connection, cmd: HostCommand) -> ExitCode {
     let request = match cmd {
+        // Not a daemon request: the keytab and the directory, on this machine.
+        HostCommand::Keytab(k) => return crate::keytab::run(k, conn.json),
         HostCommand::Show => Request::HostShow,
         HostCommand::Set(a) => Request::HostSet {
             changes: HostChanges {

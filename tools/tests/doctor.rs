@@ -5,9 +5,10 @@
 //! twins, S allowed to delegate to them ("Kerberos only"), and a user U in "Hyper-V
 //! Administrators" — so the tests run in parallel without touching the shared HV accounts. Each
 //! then breaks one thing, checks that the doctor fails on the right check with the right
-//! Windows code and a fix, applies the printed fix as printed (`setspn`, `vmgate`, `samba-tool`
-//! lines; samba-tool gets the test DC's `-s smb.conf`, which a real DC finds by itself), and
-//! checks that the next run passes. The accounts are deleted when the test ends. These hosts run
+//! Windows code and a fix, applies the printed fix as printed (`setspn` and `vmgate` lines as
+//! they are — this machine is every host of the lab, so "on hv1: CMD" runs CMD here; a line
+//! marked "on a domain controller: samba-tool ..." runs on this machine's test DC, with its
+//! `-s smb.conf`, which a real DC finds by itself), and checks that the next run passes. The accounts are deleted when the test ends. These hosts run
 //! no daemon (`--skip-daemon`); the daemon checks are tested with real vmgated hosts in
 //! tests/moves.rs.
 
@@ -144,11 +145,22 @@ impl Lab {
         (out, v)
     }
 
-    /// Runs every command line of a printed fix (`setspn`, `vmgate`, `samba-tool`), in order;
-    /// other lines (alternatives, notes) are not commands.
+    /// Runs every command line of a printed fix (`setspn`, `vmgate`, and `samba-tool` marked
+    /// "on a domain controller:"), in order, as printed; "on HOST: " in front of a command is
+    /// this machine (every lab host is). Other lines (alternatives, notes) are not commands. A
+    /// `samba-tool` line that is not marked as running on the DC fails the test: it would not
+    /// work on the member host where it is printed.
     fn apply(&self, fix: &str) {
         let mut ran = 0;
         for line in fix.lines() {
+            let (on_dc, line) = match line.strip_prefix("on a domain controller: ") {
+                Some(rest) => (true, rest),
+                None => (false, line),
+            };
+            let line = match line.strip_prefix("on ").and_then(|r| r.split_once(": ")) {
+                Some((host, rest)) if !on_dc && !host.contains(' ') => rest,
+                _ => line,
+            };
             let words = shell_words(line);
             let Some((cmd, rest)) = words.split_first() else {
                 continue;
@@ -158,6 +170,7 @@ impl Lab {
                 "setspn" => env!("CARGO_BIN_EXE_setspn").to_owned(),
                 "vmgate" => env!("CARGO_BIN_EXE_vmgate").to_owned(),
                 "samba-tool" => {
+                    assert!(on_dc, "a samba-tool fix not marked as a DC step: {line}");
                     rest.push("-s".into());
                     rest.push(self.domain.smb_conf().display().to_string());
                     "samba-tool".to_owned()
@@ -496,7 +509,7 @@ fn a_user_outside_the_admin_group_is_access_denied() {
     );
     assert!(
         fix.starts_with(&format!(
-            "samba-tool group addmembers \"{GROUP}\" {}",
+            "on a domain controller: samba-tool group addmembers \"{GROUP}\" {}",
             lab.u.name
         )),
         "{out}"
@@ -507,7 +520,7 @@ fn a_user_outside_the_admin_group_is_access_denied() {
 }
 
 #[test]
-fn a_stale_keytab_after_a_password_change_is_explained_and_re_exported() {
+fn a_stale_keytab_after_a_password_change_is_explained_and_refreshed() {
     let lab = Lab::new();
     let kt = lab.source_keytab();
     let kt_s = kt.display().to_string();
@@ -527,16 +540,111 @@ fn a_stale_keytab_after_a_password_change_is_explained_and_re_exported() {
         cause.contains("password changed after the keytab was exported"),
         "{out}"
     );
+    // The fix runs on S (a member host): vmgate's own refresh, which resets the password over
+    // LDAP because the keytab's key no longer works.
     assert!(
         fix.starts_with(&format!(
-            "samba-tool domain exportkeytab {kt_s} --principal={}$",
-            lab.s.name.to_lowercase()
+            "on {}: vmgate host keytab refresh --keytab {kt_s} --account {}$ --reset",
+            lab.s.name, lab.s.name
         )),
         "{out}"
     );
     lab.apply(&fix);
     let (out, v) = lab.json(&["--keytab", &kt_s], &[], &[]);
     assert_green(&out, &v);
+    // The refreshed keytab works: kinit -k, and a ticket for S's SPN decrypts with it.
+    let principal = format!("{}$@{}", lab.s.name, lab.domain.realm);
+    let cc = format!("FILE:{}", lab.tmp.path().join("s.cc").display());
+    let out = lab.domain.run_with(
+        "kinit",
+        ["-k", "-t", &kt_s, &principal],
+        &[("KRB5CCNAME", &cc)],
+        None,
+    );
+    assert_eq!(out.code, 0, "kinit -k with the refreshed keytab: {out}");
+    let admin = lab.domain.kinit_admin(lab.tmp.path());
+    let out = lab
+        .domain
+        .kvno(&admin, &format!("HOST/{}", lab.s.fqdn), Some(&kt));
+    assert_eq!(out.code, 0, "{out}");
+    assert!(out.stdout.contains("keytab entry valid"), "{out}");
+}
+
+#[test]
+fn keytab_refresh_changes_the_password_with_kpasswd_and_keeps_the_old_keys() {
+    let lab = Lab::new();
+    let kt = lab.source_keytab();
+    let kt_s = kt.display().to_string();
+    let kvno = |lab: &Lab| -> u32 {
+        lab.s
+            .dir
+            .read(&lab.s.dn, &["msDS-KeyVersionNumber"])
+            .unwrap()
+            .unwrap()
+            .first("msDS-KeyVersionNumber")
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let before = kvno(&lab);
+    let account = format!("{}$", lab.s.name);
+    let out = lab.domain.run(
+        env!("CARGO_BIN_EXE_vmgate"),
+        [
+            "host",
+            "keytab",
+            "refresh",
+            "--keytab",
+            &kt_s,
+            "--account",
+            &account,
+            "--json",
+        ],
+    );
+    assert_eq!(out.code, 0, "{out}");
+    let report: Value = serde_json::from_str(&out.stdout).unwrap();
+    // kpasswd with the keytab's own key, as adcli update: no administrator rights used.
+    assert_eq!(report["method"], "kpasswd", "{out}");
+    assert_eq!(report["previous_kvno"], before, "{out}");
+    // The key version is checked against the directory: the keytab holds what the DC has.
+    let after = kvno(&lab);
+    assert_eq!(after, before + 1);
+    assert_eq!(report["kvno"], after, "{out}");
+    let listing = lab.domain.run("klist", ["-ke", kt_s.as_str()]);
+    for p in [
+        format!("{account}@{}", lab.domain.realm),
+        format!("HOST/{}@{}", lab.s.fqdn, lab.domain.realm),
+    ] {
+        for enctype in ["aes256-cts-hmac-sha1-96", "aes128-cts-hmac-sha1-96"] {
+            let line = format!("{after} {p} ({enctype})");
+            assert!(listing.stdout.contains(&line), "{line} missing: {listing}");
+        }
+    }
+    // The old version stays for tickets issued before the change.
+    assert!(
+        listing
+            .stdout
+            .contains(&format!("{before} {}@", account.to_lowercase())),
+        "{listing}"
+    );
+    let principal = format!("{account}@{}", lab.domain.realm);
+    let cc = format!("FILE:{}", lab.tmp.path().join("s.cc").display());
+    let out = lab.domain.run_with(
+        "kinit",
+        ["-k", "-t", &kt_s, &principal],
+        &[("KRB5CCNAME", &cc)],
+        None,
+    );
+    assert_eq!(out.code, 0, "kinit -k with the refreshed keytab: {out}");
+    let admin = lab.domain.kinit_admin(lab.tmp.path());
+    let out = lab
+        .domain
+        .kvno(&admin, &format!("HOST/{}", lab.s.fqdn), Some(&kt));
+    assert_eq!(out.code, 0, "{out}");
+    // And the doctor's keytab check agrees.
+    let (out, v) = lab.json(&["--keytab", &kt_s], &[], &[]);
+    assert_green(&out, &v);
+    assert_eq!(status(&v, "keytab"), "pass", "{out}");
 }
 
 #[test]

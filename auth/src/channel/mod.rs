@@ -26,7 +26,17 @@
 //!   cannot starve a legitimate client (they are the oldest).
 //! * A man in the middle that terminates TLS on both sides and relays the Kerberos tokens is
 //!   refused by the acceptor: the two TLS sessions have different exporter values, and GSSAPI
-//!   answers GSS_S_BAD_BINDINGS (reported as SEC_E_BAD_BINDINGS).
+//!   answers GSS_S_BAD_BINDINGS (reported as SEC_E_BAD_BINDINGS). An authentication that carries
+//!   no bindings at all (which MIT accepts) is refused with the same code: the binding must be
+//!   *verified* (`GSS_C_CHANNEL_BOUND_FLAG`), not merely not contradicted.
+//! * The acceptor takes tickets only for the host's migration SPNs
+//!   ([`ServerSettings::services`]): an AP-REQ for `HOST/` or `cifs/` of the same account,
+//!   relayed from another protocol, is refused with SEC_E_WRONG_PRINCIPAL.
+//! * Authorization decides per purpose ([`Authorizer::authorize`]): users of the admin group may
+//!   open control and migration channels; host principals only migration channels, and only
+//!   when listed as peer hosts; principals of other realms than the host's (and the trusted
+//!   ones) nothing. Every refusal is logged (`tracing`, target `vmgate_auth::channel`) and sent
+//!   to the peer with its diagnosis.
 //! * Failures carry a [`Diagnosis`] (Windows code, cause, fix). A server that refuses sends its
 //!   diagnosis to the client, which reports it as [`ChannelError::Refused`].
 //!
@@ -52,8 +62,8 @@ use std::time::{Duration, Instant};
 use crate::authz::{Authorized, Authorizer};
 use crate::delegation::AuthType;
 use crate::krb::{
-    AcceptPending, AcceptStep, Act, AuthFacts, CredKind, Credential, HostCredentials, InitOptions,
-    InitPending, InitStep, KrbError, OpCcache, Principal, diagnose,
+    AcceptPending, AcceptStep, AcceptedServices, Act, AuthFacts, CredKind, Credential,
+    HostCredentials, InitOptions, InitPending, InitStep, KrbError, OpCcache, Principal, diagnose,
 };
 use crate::netfilter::NetworkFilter;
 use crate::spn::Spn;
@@ -433,8 +443,10 @@ pub struct ServerSettings {
     pub handshake_timeout: Duration,
     /// Handshakes at once.
     pub max_handshakes: usize,
-    /// The host's migration SPN (`.../hv2.lab.example.test`), for diagnoses.
-    pub service_spn: Option<Spn>,
+    /// The services this host accepts tickets for: its migration SPNs (FQDN first, then the
+    /// short form), in its realm. A ticket for any other service of the host's account
+    /// (`HOST/`, `cifs/`, ...) is refused; an empty list refuses every ticket.
+    pub services: AcceptedServices,
 }
 
 /// Settings of a connecting side.
@@ -665,7 +677,7 @@ impl ServerTls {
                     .to_uppercase()
             )),
             peer_host: Some(self.addr.ip().to_string()),
-            target_spn: settings.service_spn.clone(),
+            target_spn: settings.services.spns().first().cloned(),
             realm: Some(settings.realm.clone()),
             keytab: Some(settings.credentials.keytab().display().to_string()),
             ..AuthFacts::default()
@@ -697,9 +709,10 @@ impl ServerTls {
             let (pending, cache) = match state.take() {
                 Some(s) => s,
                 None => match settings.credentials.shared_acceptor() {
-                    Ok((cred, cache)) => {
-                        (AcceptPending::new(&cred, cb.gss_application_data()), cache)
-                    }
+                    Ok((cred, cache)) => (
+                        AcceptPending::new(&cred, cb.gss_application_data(), &settings.services),
+                        cache,
+                    ),
                     Err(e) => {
                         let mut f = facts.clone();
                         f.act = Act::HostCredentials;
@@ -725,6 +738,12 @@ impl ServerTls {
                 }
                 Err(e) => {
                     let diagnosis = diagnose(&e, &facts);
+                    tracing::warn!(
+                        peer = %self.addr,
+                        code = %diagnosis.code.hex(),
+                        cause = %diagnosis.cause,
+                        "refused: Kerberos authentication failed"
+                    );
                     // Tell the client why (best effort; it may be a man in the middle).
                     let _ = framed.send(&Message::Refused(diagnosis.clone()), "refusal");
                     return Err(ChannelError::Auth {
@@ -765,6 +784,7 @@ impl ServerTls {
                 "upgrade vmgate on {} (a newer host accepts an older one)",
                 settings.host_name
             ));
+            tracing::warn!(peer = %self.addr, version, "refused: newer handshake version");
             let _ = framed.send(&Message::Refused(d.clone()), "refusal");
             return Err(ChannelError::Refused {
                 peer: framed.peer,
@@ -793,6 +813,7 @@ impl ServerTls {
                  --any-network true); or move over an address of {h}'s migration networks",
                 h = settings.host_name
             ));
+            tracing::warn!(peer = %self.addr, "refused: a move from outside the migration networks");
             let _ = framed.send(&Message::Refused(d.clone()), "refusal");
             return Err(ChannelError::Refused {
                 peer: framed.peer,
@@ -845,10 +866,11 @@ impl ServerAuthenticated {
         &self.peer
     }
 
-    /// Authorization; the answer goes to the client, then the stream is handed over.
+    /// Authorization for the purpose the peer asked for; the answer goes to the client, then
+    /// the stream is handed over.
     pub fn authorize(self, authorizer: &Authorizer) -> Result<ServerChannel, ChannelError> {
         let mut framed = self.framed;
-        match authorizer.authorize(&self.peer) {
+        match authorizer.authorize(&self.peer, self.purpose) {
             Ok(authorized) => {
                 framed.send(
                     &Message::Accepted {
@@ -867,6 +889,14 @@ impl ServerAuthenticated {
                 })
             }
             Err(diagnosis) => {
+                tracing::warn!(
+                    peer = %self.addr,
+                    principal = %self.peer.principal,
+                    purpose = ?self.purpose,
+                    code = %diagnosis.code.hex(),
+                    cause = %diagnosis.cause,
+                    "refused: not authorized"
+                );
                 let _ = framed.send(&Message::Refused(diagnosis.clone()), "refusal");
                 Err(ChannelError::Denied {
                     peer: self.peer.principal.to_string(),

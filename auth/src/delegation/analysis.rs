@@ -379,6 +379,19 @@ pub fn analyze(facts: &DelegationFacts) -> Verdict {
     }
 }
 
+/// A change of a user or group that only the domain's own tools make: `samba-tool` without
+/// `-H` opens the local database, which exists only on a DC (Samba), so the step is marked as
+/// such; PowerShell's AD module runs on any Windows host with RSAT (Windows AD). The other is
+/// given as the alternative.
+pub fn admin_fix(samba: bool, samba_tool: &str, powershell: &str) -> String {
+    let dc = crate::krb::diagnose::on_domain_controller(samba_tool);
+    if samba {
+        format!("{dc}\nor on Windows (RSAT): {powershell}")
+    } else {
+        format!("on Windows (RSAT): {powershell}\nor {dc}")
+    }
+}
+
 fn on_source_alternative(facts: &DelegationFacts) -> String {
     format!(
         "or start the move on {} itself, where {}'s own ticket is present",
@@ -392,11 +405,11 @@ fn user_enabled(facts: &DelegationFacts, user: &UserFacts) -> Requirement {
     let samba = facts.directory == DirectoryKind::Samba;
     let name = shell_word(&user.name);
     if user.uac.disabled() {
-        let fix = if samba {
-            format!("samba-tool user enable {name}")
-        } else {
-            format!("Enable-ADAccount -Identity {name}")
-        };
+        let fix = admin_fix(
+            samba,
+            &format!("samba-tool user enable {name}"),
+            &format!("Enable-ADAccount -Identity {name}"),
+        );
         let d = Diagnosis::new(
             WinCode::LogonDenied,
             format!(
@@ -408,11 +421,11 @@ fn user_enabled(facts: &DelegationFacts, user: &UserFacts) -> Requirement {
         .with_fix(fix);
         Requirement::unmet(RequirementId::UserEnabled, description, d)
     } else if user.locked {
-        let fix = if samba {
-            format!("samba-tool user unlock {name}")
-        } else {
-            format!("Unlock-ADAccount -Identity {name}")
-        };
+        let fix = admin_fix(
+            samba,
+            &format!("samba-tool user unlock {name}"),
+            &format!("Unlock-ADAccount -Identity {name}"),
+        );
         let d = Diagnosis::new(
             WinCode::LogonDenied,
             format!(
@@ -723,13 +736,14 @@ fn push_user_delegable(facts: &DelegationFacts, out: &mut Vec<Requirement>) {
             ),
         ));
     } else if user.protected_users {
-        let fix = if samba {
-            format!("samba-tool group removemembers \"Protected Users\" {name}\n{alternative}")
-        } else {
-            format!(
-                "Remove-ADGroupMember -Identity \"Protected Users\" -Members {name}\n{alternative}"
+        let fix = format!(
+            "{}\n{alternative}",
+            admin_fix(
+                samba,
+                &format!("samba-tool group removemembers \"Protected Users\" {name}"),
+                &format!("Remove-ADGroupMember -Identity \"Protected Users\" -Members {name}"),
             )
-        };
+        );
         let cause = format!(
             "{} is a member of Protected Users, whose credentials are never delegated, so {} \
              cannot act for {} towards {}",

@@ -24,8 +24,8 @@ use crate::directory::ErrorKind;
 use crate::krb::error::code;
 use crate::krb::keytab;
 use crate::krb::{
-    AcceptPending, AcceptStep, Credential, HostCredentials, InitOptions, InitPending, InitStep,
-    KrbError, Principal, UserCredential,
+    AcceptPending, AcceptStep, AcceptedServices, Credential, HostCredentials, InitOptions,
+    InitPending, InitStep, KrbError, Principal, UserCredential,
 };
 use crate::spn::Spn;
 
@@ -311,7 +311,8 @@ fn handshake(
     options: InitOptions,
 ) -> Result<crate::krb::Accepted, KrbError> {
     let mut pending = InitPending::new(init, target, realm, CHECK_BINDINGS.to_vec(), options)?;
-    let mut accept = AcceptPending::new(acceptor, CHECK_BINDINGS.to_vec());
+    let services = AcceptedServices::new(vec![target.clone()], realm);
+    let mut accept = AcceptPending::new(acceptor, CHECK_BINDINGS.to_vec(), &services);
     let mut input: Option<Vec<u8>> = None;
     loop {
         let token = match pending.step(input.as_deref())? {
@@ -367,7 +368,8 @@ fn ask(
     let Some(target) = target else {
         return (KdcAnswer::Ticket, None);
     };
-    match AcceptPending::new(target, CHECK_BINDINGS.to_vec()).step(&token) {
+    let services = AcceptedServices::new(vec![spn.clone()], realm);
+    match AcceptPending::new(target, CHECK_BINDINGS.to_vec(), &services).step(&token) {
         Ok(AcceptStep::Established(accepted, _)) => {
             let client = accepted.client().name().to_owned();
             match expected_client {

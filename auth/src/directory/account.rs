@@ -3,7 +3,11 @@
 //! vmgate reads from it.
 //!
 //! Resolution follows Windows setspn: with neither `-C` nor `-U`, a plain name is a computer if
-//! a computer `NAME$` exists, otherwise a user `NAME`.
+//! a computer `NAME$` exists, otherwise a user `NAME`. That forgiving resolution is for names an
+//! administrator types (the CLI). A server mapping an authenticated Kerberos principal to its
+//! account uses [`exact_account_filter`] / [`Directory::find_account_exact`] instead: equality on
+//! `sAMAccountName` only, a computer if and only if the name ends with `$` (a user `hv1` is never
+//! the computer `HV1$`), nothing parsed out of the name (no DN, no domain prefix, no DNS name).
 
 use std::fmt;
 
@@ -249,7 +253,52 @@ fn kind_filter(kind: AccountKind) -> &'static str {
     }
 }
 
+/// The LDAP filter for the account of a Kerberos principal's name part (`alice`, `HV1$`),
+/// exactly: `sAMAccountName` equality (AD compares it without case), a computer when the name
+/// ends with `$`, otherwise a user that is not a computer. The name is escaped, never parsed.
+pub fn exact_account_filter(sam: &str) -> String {
+    let kind = if sam.ends_with('$') {
+        AccountKind::Computer
+    } else {
+        AccountKind::User
+    };
+    format!(
+        "(&{}{})",
+        kind_filter(kind),
+        filter::eq("sAMAccountName", sam)
+    )
+}
+
 impl Directory {
+    /// The account named `sam` exactly (see [`exact_account_filter`]) under `base` (the naming
+    /// context of the principal's realm; `None`: this domain). `None` when there is none, or
+    /// when this directory does not hold `base`.
+    pub fn find_account_exact(
+        &self,
+        sam: &str,
+        base: Option<&str>,
+    ) -> Result<Option<Account>, DirectoryError> {
+        let base = base.unwrap_or(self.base_dn());
+        let found = match self.search(
+            base,
+            super::SearchScope::Subtree,
+            &exact_account_filter(sam),
+            &ACCOUNT_ATTRS,
+        ) {
+            Ok(found) => found,
+            Err(DirectoryError::NoSuchObject { .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        match found.as_slice() {
+            [] => Ok(None),
+            [one] => Ok(Some(Account::from_entry(one))),
+            _ => Err(DirectoryError::AmbiguousAccount {
+                name: sam.to_owned(),
+                dns: found.into_iter().map(|e| e.dn).collect(),
+            }),
+        }
+    }
+
     /// Resolves a name to exactly one account (see the module doc for the order).
     pub fn find_account(
         &self,
@@ -403,6 +452,23 @@ mod tests {
         assert_eq!(
             AccountName::parse("a=b").unwrap(),
             AccountName::Sam("a=b".into())
+        );
+    }
+
+    #[test]
+    fn exact_filters_decide_user_or_computer_by_the_trailing_dollar() {
+        assert_eq!(
+            exact_account_filter("hv1"),
+            "(&(&(objectClass=user)(!(objectClass=computer)))(sAMAccountName=hv1))"
+        );
+        assert_eq!(
+            exact_account_filter("HV1$"),
+            "(&(objectClass=computer)(sAMAccountName=HV1$))"
+        );
+        // Nothing is parsed: a DN-looking or wildcard name is one escaped value.
+        assert_eq!(
+            exact_account_filter("CN=x,DC=y*"),
+            "(&(&(objectClass=user)(!(objectClass=computer)))(sAMAccountName=CN=x,DC=y\\2a))"
         );
     }
 

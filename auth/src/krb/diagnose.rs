@@ -121,6 +121,19 @@ impl AuthFacts {
             .map_or_else(|| "the user".to_owned(), |u| u.name().to_owned())
     }
 
+    /// `alice@REALM` (or a placeholder).
+    fn user_principal(&self) -> String {
+        self.user
+            .as_ref()
+            .map_or_else(|| "USER@REALM".to_owned(), |u| u.to_string())
+    }
+
+    /// Whether the failing principal is a host's account (its own keytab), not a user.
+    fn is_host(&self) -> bool {
+        self.act == Act::HostCredentials
+            || self.user.as_ref().is_some_and(|u| u.name().ends_with('$'))
+    }
+
     fn realm(&self) -> String {
         self.realm
             .clone()
@@ -145,10 +158,75 @@ impl AuthFacts {
     }
 }
 
+/// An accepted context without a verified channel binding (the client sent none).
+fn unbound(facts: &AuthFacts) -> Diagnosis {
+    Diagnosis::new(
+        WinCode::BadBindings,
+        format!(
+            "the Kerberos authentication that reached {local} from {peer} carried no channel \
+             binding to the TLS session it arrived on, so nothing shows it was made for this \
+             connection: it may have been captured or relayed from another protocol or \
+             connection (an AP-REQ for HOST/ or cifs/, an HTTP Negotiate header); {local} \
+             refuses unbound authentication",
+            local = facts.local(),
+            peer = facts.peer(),
+        ),
+    )
+    .with_fix(format!(
+        "connect with vmgate's own client (vmgate, vmgated), which binds its Kerberos \
+         authentication to the TLS session (RFC 9266 tls-exporter), directly to {}",
+        facts.local()
+    ))
+}
+
+/// A ticket for another service of the host's account than its migration SPNs.
+fn wrong_service(facts: &AuthFacts, requested: &str, accepted: &[String]) -> Diagnosis {
+    let list = accepted
+        .iter()
+        .map(|p| format!("\"{p}\""))
+        .collect::<Vec<_>>()
+        .join(" or ");
+    Diagnosis::new(
+        WinCode::WrongPrincipal,
+        format!(
+            "the client presented a ticket for \"{requested}\", but {} accepts tickets only \
+             for its migration service ({}): a ticket for another service of {} (HOST/, cifs/, \
+             the account itself) may have been relayed from another protocol, and is refused",
+            facts.local(),
+            if list.is_empty() {
+                "none configured".to_owned()
+            } else {
+                list
+            },
+            facts.local_account(),
+        ),
+    )
+    .with_fix(format!(
+        "connect to {}'s migration SPN ({}), as vmgate does",
+        facts.local(),
+        accepted.first().map_or_else(
+            || facts.spn(),
+            |p| quote(p.rsplit_once('@').map_or(p, |(n, _)| n))
+        )
+    ))
+}
+
 /// The diagnosis of a failure of the krb module.
 pub fn diagnose(err: &KrbError, facts: &AuthFacts) -> Diagnosis {
-    let status = match err {
-        KrbError::Gss { status, .. } => status,
+    let (c, routine_error, said) = match err {
+        KrbError::Gss { status, .. } => (status.krb5_code(), status.routine(), status.to_string()),
+        KrbError::Krb5(e) => (
+            e.code,
+            0,
+            format!(
+                "{} [krb5 error {}{}]",
+                e.message,
+                e.code,
+                super::error::krb5_code_name(e.code)
+                    .map(|n| format!(" {n}"))
+                    .unwrap_or_default()
+            ),
+        ),
         KrbError::NotMutual => {
             return Diagnosis::new(
                 WinCode::InvalidToken,
@@ -172,16 +250,30 @@ pub fn diagnose(err: &KrbError, facts: &AuthFacts) -> Diagnosis {
         KrbError::BadString(_) | KrbError::BadPrincipal(_) | KrbError::CcacheDir { .. } => {
             return Diagnosis::new(WinCode::UnknownCredentials, err.to_string());
         }
+        KrbError::Unbound => return unbound(facts),
+        KrbError::WrongService {
+            requested,
+            accepted,
+        } => return wrong_service(facts, requested, accepted),
+        KrbError::BadToken(why) => {
+            return Diagnosis::new(
+                WinCode::InvalidToken,
+                format!(
+                    "{why}: {} accepts only Kerberos 5 (an AP-REQ for its migration SPN) from a \
+                     vmgate client",
+                    facts.local()
+                ),
+            );
+        }
     };
     let op = err.op().unwrap_or(KrbOp::Initiate);
-    let kerberos_said = format!("(Kerberos: {status})");
-    let c = status.krb5_code();
+    let kerberos_said = format!("(Kerberos: {said})");
     let with_detail = |d: Diagnosis| -> Diagnosis {
         let cause = format!("{}\n{kerberos_said}", d.cause);
         Diagnosis { cause, ..d }
     };
 
-    if status.routine() == routine::BAD_BINDINGS {
+    if routine_error == routine::BAD_BINDINGS {
         return with_detail(
             Diagnosis::new(
                 WinCode::BadBindings,
@@ -221,34 +313,69 @@ pub fn diagnose(err: &KrbError, facts: &AuthFacts) -> Diagnosis {
             )
             .with_fix(format!("setspn -S {} {}", quote(&spn), facts.spn_owner()))
         }
+        code::KDC_ERR_PRINCIPAL_NOT_UNIQUE => {
+            let spn = facts.spn();
+            Diagnosis::new(
+                WinCode::WrongPrincipal,
+                format!(
+                    "the SPN \"{spn}\" is registered on more than one account in {}: the KDC \
+                     cannot tell which account's key to use (KDC_ERR_PRINCIPAL_NOT_UNIQUE)",
+                    facts.realm()
+                ),
+            )
+            .with_fix(format!(
+                "setspn -Q {q}   (lists every account that holds it)\nsetspn -D {q} OTHER   (for \
+                 each account that is not {owner})",
+                q = quote(&spn),
+                owner = facts.spn_owner()
+            ))
+        }
         code::KDC_UNREACH | code::REALM_CANT_RESOLVE | code::REALM_UNKNOWN => Diagnosis::new(
             WinCode::NoAuthenticatingAuthority,
             format!(
-                "{} could not reach any KDC (domain controller) of {}: none answered on port \
-                 88 at the addresses krb5.conf gives for the realm",
+                "{} could not reach any KDC (domain controller) of {}: {}",
                 facts.local(),
-                facts.realm()
+                facts.realm(),
+                match c {
+                    code::KDC_UNREACH => {
+                        "none answered on port 88 at the addresses krb5.conf's \"kdc =\" lines \
+                         or DNS (_kerberos._tcp SRV records) give for the realm"
+                    }
+                    code::REALM_CANT_RESOLVE => {
+                        "the KDCs' names do not resolve (DNS, /etc/hosts)"
+                    }
+                    _ => {
+                        "krb5.conf names no KDC for the realm and DNS has no _kerberos SRV \
+                         record for it (or dns_lookup_kdc is off)"
+                    }
+                }
             ),
         )
         .with_fix(format!(
-            "start the domain controller or fix the \"kdc =\" line of [realms] {} in krb5.conf \
-             (KRB5_CONFIG); check with: kinit -V {}",
-            facts.realm(),
+            "start the domain controller; on this host check that /etc/resolv.conf points at the \
+             domain's DNS (it must answer _kerberos._tcp.{realm} SRV), or name the KDC in \
+             krb5.conf ([realms] {realm} kdc = DC); check with: kinit -V {}",
             facts
                 .user
                 .as_ref()
-                .map_or_else(|| "USER".to_owned(), |u| u.to_string())
+                .map_or_else(|| "USER".to_owned(), |u| u.to_string()),
+            realm = facts.realm()
         )),
-        code::KRB_AP_ERR_SKEW | code::KDCREP_SKEW => Diagnosis::new(
+        code::KRB_AP_ERR_SKEW | code::KDCREP_SKEW | code::KRB_AP_ERR_TKT_NYV => Diagnosis::new(
             WinCode::TimeSkew,
             format!(
                 "the clock of {} differs from the clock of {} by more than the 5 minutes \
-                 Kerberos allows",
+                 Kerberos allows{}",
                 facts.local(),
                 match c {
                     code::KDCREP_SKEW => "the domain controller".to_owned(),
                     _ if op == KrbOp::Accept => facts.peer(),
                     _ => "the domain controller".to_owned(),
+                },
+                if c == code::KRB_AP_ERR_TKT_NYV {
+                    " (the ticket is not yet valid: KRB_AP_ERR_TKT_NYV)"
+                } else {
+                    ""
                 }
             ),
         )
@@ -257,7 +384,7 @@ pub fn diagnose(err: &KrbError, facts: &AuthFacts) -> Diagnosis {
              `chronyc makestep` (or `timedatectl set-ntp true`)",
             facts.local()
         )),
-        code::KDC_ERR_BADOPTION | code::KDC_ERR_POLICY
+        code::KDC_ERR_BADOPTION
             if matches!(
                 facts.act,
                 Act::ConstrainedDelegation | Act::ProtocolTransition
@@ -265,6 +392,24 @@ pub fn diagnose(err: &KrbError, facts: &AuthFacts) -> Diagnosis {
         {
             delegation_refused(facts)
         }
+        code::KDC_ERR_POLICY => Diagnosis::new(
+            WinCode::LogonDenied,
+            format!(
+                "the KDC refused {}'s request for a policy reason (KDC_ERR_POLICY): an account \
+                 restriction such as logon hours, the workstations the account may use, an \
+                 authentication policy or silo, or a KDC rule; this is not a delegation \
+                 setting, and changing delegation does not help",
+                match facts.act {
+                    Act::Connect => facts.user(),
+                    _ => facts.local().to_owned(),
+                }
+            ),
+        )
+        .with_fix(on_domain_controller(
+            "the KDC's log names the policy (Samba: log level kerberos:3, \
+             \"reason=\"; Windows: Security event 4768/4769 with failure code 0xC); lift the \
+             restriction on the account it names",
+        )),
         code::KDC_ERR_BADOPTION => Diagnosis::new(
             WinCode::NoCredentials,
             format!(
@@ -274,31 +419,116 @@ pub fn diagnose(err: &KrbError, facts: &AuthFacts) -> Diagnosis {
                 facts.local(),
                 facts.user()
             ),
-        ),
-        code::KDC_ERR_PREAUTH_FAILED
-        | code::PREAUTH_FAILED
-        | code::KDC_ERR_CLIENT_REVOKED
-        | code::KDC_ERR_KEY_EXP
-        | code::KDC_ERR_C_PRINCIPAL_UNKNOWN => Diagnosis::new(
-            WinCode::LogonDenied,
+        )
+        .with_fix(format!(
+            "vmgate delegation show {}   (shows whether the account may be delegated)",
+            quote(&facts.user())
+        )),
+        code::KDC_ERR_ETYPE_NOSUPP => Diagnosis::new(
+            WinCode::UnknownCredentials,
             format!(
-                "the KDC refused the logon of {}: {}",
-                facts.user(),
-                match c {
-                    code::KDC_ERR_CLIENT_REVOKED => "the account is disabled or locked out",
-                    code::KDC_ERR_KEY_EXP => "the password has expired",
-                    code::KDC_ERR_C_PRINCIPAL_UNKNOWN => "the account does not exist",
-                    _ => "wrong password (or the keytab holds an old key)",
-                }
+                "the KDC and {} have no encryption type in common for {} \
+                 (KDC_ERR_ETYPE_NOSUPP): the account's msDS-SupportedEncryptionTypes, or the \
+                 keys in its keytab, name none that krb5.conf's permitted_enctypes allow",
+                facts.local(),
+                facts
+                    .target_spn
+                    .as_ref()
+                    .map_or_else(|| facts.user(), ToString::to_string)
             ),
         )
         .with_fix(format!(
-            "kinit {} with the right password; an administrator can enable or unlock the \
-             account: samba-tool user enable {} (Windows: Unlock-ADAccount / Enable-ADAccount)",
-            facts
-                .user
-                .as_ref()
-                .map_or_else(|| "USER@REALM".to_owned(), |u| u.to_string()),
+            "on {}: vmgate host keytab refresh   (writes keys of the account's encryption \
+             types); allow AES in krb5.conf (permitted_enctypes) if it was removed",
+            facts.local()
+        )),
+        code::KDC_ERR_SERVICE_REVOKED => Diagnosis::new(
+            WinCode::WrongPrincipal,
+            format!(
+                "the KDC will not issue tickets for {}: the account that holds the SPN ({}$) \
+                 is disabled (KDC_ERR_SERVICE_REVOKED)",
+                facts.spn(),
+                facts.spn_owner()
+            ),
+        )
+        .with_fix(format!(
+            "{}\nor on Windows: Enable-ADAccount -Identity {}$",
+            on_domain_controller(&format!(
+                "samba-tool computer enable {}$",
+                facts.spn_owner()
+            )),
+            facts.spn_owner()
+        )),
+        code::KDC_ERR_TGT_REVOKED => Diagnosis::new(
+            WinCode::NoCredentials,
+            format!(
+                "the KDC no longer accepts {}'s ticket-granting ticket (KDC_ERR_TGT_REVOKED): \
+                 the account was disabled, locked or had its password changed after the ticket \
+                 was issued",
+                facts.user()
+            ),
+        )
+        .with_fix(format!("kdestroy; kinit {}", facts.user_principal())),
+        code::KDC_ERR_PREAUTH_FAILED | code::PREAUTH_FAILED if facts.is_host() => Diagnosis::new(
+            WinCode::LogonDenied,
+            format!(
+                "the KDC refused the logon of {}: its keytab{} holds an old key (the \
+                     account's password changed after the keytab was written)",
+                facts.local_account(),
+                facts
+                    .keytab
+                    .as_ref()
+                    .map(|k| format!(" {k}"))
+                    .unwrap_or_default()
+            ),
+        )
+        .with_fix(refresh_fix(facts, true)),
+        code::KDC_ERR_PREAUTH_FAILED | code::PREAUTH_FAILED => Diagnosis::new(
+            WinCode::LogonDenied,
+            format!(
+                "the KDC refused the logon of {}: wrong password (KDC_ERR_PREAUTH_FAILED)",
+                facts.user()
+            ),
+        )
+        .with_fix(format!(
+            "kinit {}   (with the right password)",
+            facts.user_principal()
+        )),
+        code::KDC_ERR_CLIENT_REVOKED => Diagnosis::new(
+            WinCode::LogonDenied,
+            format!(
+                "the KDC refused the logon of {}: the account is disabled or locked out \
+                 (KDC_ERR_CLIENT_REVOKED)",
+                facts.user()
+            ),
+        )
+        .with_fix(format!(
+            "{}\nor on Windows: Enable-ADAccount -Identity {u}; Unlock-ADAccount -Identity {u}",
+            on_domain_controller(&format!(
+                "samba-tool user enable {u}; samba-tool user unlock {u}",
+                u = quote(&facts.user())
+            )),
+            u = quote(&facts.user())
+        )),
+        code::KDC_ERR_KEY_EXP => Diagnosis::new(
+            WinCode::LogonDenied,
+            format!(
+                "the KDC refused the logon of {}: the password has expired (KDC_ERR_KEY_EXPIRED)",
+                facts.user()
+            ),
+        )
+        .with_fix(format!("kpasswd {}", facts.user_principal())),
+        code::KDC_ERR_C_PRINCIPAL_UNKNOWN => Diagnosis::new(
+            WinCode::LogonDenied,
+            format!(
+                "the KDC does not know {} in {} (KDC_ERR_C_PRINCIPAL_UNKNOWN): the account does \
+                 not exist",
+                facts.user(),
+                facts.realm()
+            ),
+        )
+        .with_fix(format!(
+            "check the name: vmgate delegation show {}",
             quote(&facts.user())
         )),
         _ if facts.act == Act::HostCredentials => host_keytab_unusable(facts),
@@ -310,7 +540,7 @@ pub fn diagnose(err: &KrbError, facts: &AuthFacts) -> Diagnosis {
                 WinCode::UnknownCredentials,
                 format!(
                     "{}'s keytab{} has no key for the SPN the client asked for (\"{spn}\"): the \
-                     keytab is not {}'s own, or was exported before the SPN was registered on {}",
+                     keytab is not {}'s own, or was written before the SPN was registered on {}",
                     facts.local(),
                     facts
                         .keytab
@@ -322,17 +552,35 @@ pub fn diagnose(err: &KrbError, facts: &AuthFacts) -> Diagnosis {
                 ),
             )
             .with_fix(format!(
-                "setspn -Q {q}   (must show {acct})\nsamba-tool domain exportkeytab {kt} \
-                 --principal={q}",
+                "setspn -Q {q}   (must show {acct})\n{refresh}",
                 q = quote(&spn),
                 acct = facts.local_account(),
-                kt = quote(facts.keytab.as_deref().unwrap_or("/etc/krb5.keytab")),
+                refresh = refresh_fix(facts, false),
+            ))
+        }
+        code::KRB_AP_ERR_BADKEYVER | code::KT_KVNONOTFOUND => {
+            let spn = facts.spn();
+            let holder = if op == KrbOp::Accept {
+                facts.local().to_owned()
+            } else {
+                facts.peer()
+            };
+            Diagnosis::new(
+                WinCode::WrongPrincipal,
+                format!(
+                    "the ticket for \"{spn}\" was encrypted with a key version {holder}'s keytab \
+                     does not hold (KRB_AP_ERR_BADKEYVER): the account's password changed after \
+                     the keytab was written"
+                ),
+            )
+            .with_fix(format!(
+                "on {holder}: vmgate host keytab refresh   (sets a new password and rewrites the \
+                 keytab; add --reset with a domain administrator's ticket if the keytab's key no \
+                 longer works)"
             ))
         }
         code::KRB_AP_ERR_BAD_INTEGRITY
         | code::KRB_AP_ERR_MODIFIED
-        | code::KRB_AP_ERR_BADKEYVER
-        | code::KT_KVNONOTFOUND
         | code::KRB_AP_WRONG_PRINC
         | code::KRB_AP_ERR_NOT_US
         | code::KT_NOTFOUND
@@ -348,28 +596,22 @@ pub fn diagnose(err: &KrbError, facts: &AuthFacts) -> Diagnosis {
                 format!(
                     "the ticket for \"{spn}\" was encrypted with a key {holder} does not have: \
                      the SPN is registered on another account than {fix} (or {fix}'s password \
-                     changed after its keytab was exported)"
+                     changed after its keytab was written)"
                 ),
             )
             .with_fix(format!(
                 "setspn -Q {q}   (shows the account that holds it; remove it there with \
-                 setspn -D {q} OTHER)\nsetspn -S {q} {owner}\nthen export {holder}'s keytab \
-                 again: samba-tool domain exportkeytab KEYTAB --principal={q}",
+                 setspn -D {q} OTHER)\nsetspn -S {q} {owner}\nthen on {holder}: vmgate host \
+                 keytab refresh",
                 q = quote(&spn),
                 owner = fix.trim_end_matches('$'),
             ))
         }
-        code::KRB_AP_ERR_TKT_EXPIRED | code::KDC_ERR_TGT_REVOKED => Diagnosis::new(
+        code::KRB_AP_ERR_TKT_EXPIRED => Diagnosis::new(
             WinCode::NoCredentials,
             format!("{}'s Kerberos ticket has expired", facts.user()),
         )
-        .with_fix(format!(
-            "kinit {}",
-            facts
-                .user
-                .as_ref()
-                .map_or_else(|| "USER@REALM".to_owned(), |u| u.to_string())
-        )),
+        .with_fix(format!("kinit {}", facts.user_principal())),
         code::KRB_AP_ERR_REPEAT => Diagnosis::new(
             WinCode::InvalidToken,
             format!(
@@ -396,14 +638,11 @@ pub fn diagnose(err: &KrbError, facts: &AuthFacts) -> Diagnosis {
                     .as_ref()
                     .map(|c| format!(" -c {}", quote(c)))
                     .unwrap_or_default(),
-                facts
-                    .user
-                    .as_ref()
-                    .map_or_else(|| "USER@REALM".to_owned(), |u| u.to_string())
+                facts.user_principal()
             ))
         }
-        _ if status.routine() == routine::NO_CRED
-            || status.routine() == routine::CREDENTIALS_EXPIRED
+        _ if routine_error == routine::NO_CRED
+            || routine_error == routine::CREDENTIALS_EXPIRED
             || facts.act == Act::HostCredentials =>
         {
             if matches!(facts.act, Act::HostCredentials | Act::Accept) {
@@ -417,13 +656,7 @@ pub fn diagnose(err: &KrbError, facts: &AuthFacts) -> Diagnosis {
                         facts.ccache.as_deref().unwrap_or("the credential cache")
                     ),
                 )
-                .with_fix(format!(
-                    "kinit {}",
-                    facts
-                        .user
-                        .as_ref()
-                        .map_or_else(|| "USER@REALM".to_owned(), |u| u.to_string())
-                ))
+                .with_fix(format!("kinit {}", facts.user_principal()))
             }
         }
         _ => Diagnosis::new(
@@ -436,6 +669,39 @@ pub fn diagnose(err: &KrbError, facts: &AuthFacts) -> Diagnosis {
         ),
     };
     with_detail(d)
+}
+
+/// A step that only works on a domain controller itself, marked as such.
+pub fn on_domain_controller(step: &str) -> String {
+    format!("on a domain controller: {step}")
+}
+
+/// `vmgate host keytab refresh` for the failing host, run there (with `--keytab` when the
+/// keytab is not the system's).
+fn refresh_fix(facts: &AuthFacts, stale: bool) -> String {
+    let kt = facts
+        .keytab
+        .as_deref()
+        .filter(|k| *k != "/etc/krb5.keytab" && *k != "FILE:/etc/krb5.keytab")
+        .map(|k| format!(" --keytab {}", quote(k.strip_prefix("FILE:").unwrap_or(k))))
+        .unwrap_or_default();
+    let account = facts
+        .local_account
+        .as_deref()
+        .map(|a| format!(" --account {}", quote(a)))
+        .unwrap_or_default();
+    if stale {
+        format!(
+            "on {}: vmgate host keytab refresh{kt}{account} --reset   (with a domain \
+             administrator's ticket: the keytab's key no longer works)",
+            facts.local()
+        )
+    } else {
+        format!(
+            "on {}: vmgate host keytab refresh{kt}{account}",
+            facts.local()
+        )
+    }
 }
 
 fn host_keytab_unusable(facts: &AuthFacts) -> Diagnosis {
@@ -453,9 +719,9 @@ fn host_keytab_unusable(facts: &AuthFacts) -> Diagnosis {
         ),
     )
     .with_fix(format!(
-        "samba-tool domain exportkeytab {} --principal={}   (Windows DC: ktpass, or re-join)",
-        quote(facts.keytab.as_deref().unwrap_or("/etc/krb5.keytab")),
-        quote(&facts.local_account().to_lowercase())
+        "{}\nor re-join {}: adcli join (or net ads join -k)",
+        refresh_fix(facts, true),
+        facts.local()
     ))
 }
 
@@ -607,6 +873,35 @@ mod tests {
     }
 
     #[test]
+    fn unbound_and_foreign_service_tickets_are_refused_with_their_codes() {
+        let mut f = facts(Act::Accept, "hv2");
+        f.peer_host = Some("127.0.0.1".into());
+        let d = diagnose(&KrbError::Unbound, &f);
+        assert_eq!(d.code.hex(), "0x80090346");
+        assert_eq!(d.code.name(), "SEC_E_BAD_BINDINGS");
+        assert!(d.cause.contains("carried no channel binding"), "{d}");
+        assert!(d.fix.as_deref().unwrap().contains("RFC 9266"), "{d}");
+        let d = diagnose(
+            &KrbError::WrongService {
+                requested: "HOST/hv2.lab.example.test@LAB.EXAMPLE.TEST".into(),
+                accepted: vec![format!("{SPN}@LAB.EXAMPLE.TEST")],
+            },
+            &f,
+        );
+        assert_eq!(d.code, WinCode::WrongPrincipal);
+        assert!(
+            d.cause
+                .contains("ticket for \"HOST/hv2.lab.example.test@LAB.EXAMPLE.TEST\""),
+            "{d}"
+        );
+        assert!(d.cause.contains(SPN), "{d}");
+        assert!(
+            d.fix.as_deref().unwrap().contains(&format!("\"{SPN}\"")),
+            "{d}"
+        );
+    }
+
+    #[test]
     fn unknown_spn_gives_the_setspn_command() {
         let d = diagnose(
             &err(KrbOp::Initiate, 13 << 16, code::KDC_ERR_S_PRINCIPAL_UNKNOWN),
@@ -684,6 +979,78 @@ mod tests {
             )
             .code,
             WinCode::LogonDenied
+        );
+    }
+
+    #[test]
+    fn every_kdc_error_keeps_its_own_cause() {
+        // A policy refusal during delegation is not explained as a delegation option.
+        let mut f = facts(Act::ConstrainedDelegation, "hv1");
+        f.allowed_to_delegate_to = Some(vec![]);
+        let d = diagnose(&err(KrbOp::Initiate, 13 << 16, code::KDC_ERR_POLICY), &f);
+        assert_eq!(d.code, WinCode::LogonDenied);
+        assert!(d.cause.contains("KDC_ERR_POLICY"), "{d}");
+        assert!(!d.cause.contains("msDS-AllowedToDelegateTo"), "{d}");
+        assert!(
+            !d.fix.as_deref().unwrap().contains("delegation add-service"),
+            "{d}"
+        );
+        assert!(d.fix.unwrap().starts_with("on a domain controller: "));
+        // Each logon refusal says its own reason and its own fix.
+        let f = facts(Act::Connect, "ws1");
+        let text = |c: i32| diagnose(&err(KrbOp::Initiate, 13 << 16, c), &f).to_string();
+        assert!(text(code::KDC_ERR_PREAUTH_FAILED).contains("wrong password"));
+        assert!(text(code::KDC_ERR_CLIENT_REVOKED).contains("disabled or locked out"));
+        assert!(text(code::KDC_ERR_KEY_EXP).contains("kpasswd alice@LAB.EXAMPLE.TEST"));
+        assert!(text(code::KDC_ERR_C_PRINCIPAL_UNKNOWN).contains("does not exist"));
+        assert!(text(code::KDC_ERR_TGT_REVOKED).contains("KDC_ERR_TGT_REVOKED"));
+        assert!(text(code::KDC_ERR_ETYPE_NOSUPP).contains("KDC_ERR_ETYPE_NOSUPP"));
+        assert!(text(code::KDC_ERR_PRINCIPAL_NOT_UNIQUE).contains("setspn -Q"));
+        assert_ne!(
+            text(code::KRB_AP_ERR_BADKEYVER),
+            text(code::KRB_AP_ERR_BAD_INTEGRITY)
+        );
+        // No printed fix opens a DC's local database unless it says it runs on the DC.
+        for c in [
+            code::KDC_ERR_PREAUTH_FAILED,
+            code::KDC_ERR_CLIENT_REVOKED,
+            code::KDC_ERR_SERVICE_REVOKED,
+            code::KRB_AP_ERR_BAD_INTEGRITY,
+            code::KT_NOTFOUND,
+        ] {
+            for act in [Act::Connect, Act::Accept, Act::HostCredentials] {
+                let d = diagnose(&err(KrbOp::Accept, 13 << 16, c), &facts(act, "hv2"));
+                for line in d.fix.as_deref().unwrap_or_default().lines() {
+                    assert!(
+                        !line.contains("samba-tool") || line.contains("on a domain controller: "),
+                        "{line}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_host_with_an_old_key_is_told_to_refresh_its_keytab() {
+        let mut f = facts(Act::HostCredentials, "hv2");
+        f.keytab = Some("/var/lib/vmgate/hv2.keytab".into());
+        f.local_account = Some("HV2$".into());
+        let d = diagnose(
+            &err(
+                KrbOp::AcquireCredentials,
+                13 << 16,
+                code::KDC_ERR_PREAUTH_FAILED,
+            ),
+            &f,
+        );
+        assert_eq!(d.code, WinCode::LogonDenied);
+        assert_eq!(
+            d.fix.as_deref().unwrap().lines().next(),
+            Some(
+                "on hv2: vmgate host keytab refresh --keytab /var/lib/vmgate/hv2.keytab \
+                 --account HV2$ --reset   (with a domain administrator's ticket: the keytab's \
+                 key no longer works)"
+            )
         );
     }
 

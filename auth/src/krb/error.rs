@@ -83,6 +83,7 @@ pub mod code {
     pub const PREAUTH_FAILED: i32 = -1_765_328_174;
     pub const REALM_CANT_RESOLVE: i32 = -1_765_328_164;
     pub const KT_KVNONOTFOUND: i32 = -1_765_328_154;
+    pub const CONFIG_NODEFREALM: i32 = -1_765_328_160;
 }
 
 impl GssStatus {
@@ -149,6 +150,7 @@ pub fn krb5_code_name(c: i32) -> Option<&'static str> {
         PREAUTH_FAILED => "KRB5_PREAUTH_FAILED",
         REALM_CANT_RESOLVE => "KRB5_REALM_CANT_RESOLVE",
         KT_KVNONOTFOUND => "KRB5_KT_KVNONOTFOUND",
+        CONFIG_NODEFREALM => "KRB5_CONFIG_NODEFREALM",
         _ => return None,
     })
 }
@@ -222,9 +224,28 @@ pub enum KrbError {
     /// The context was established without mutual authentication.
     #[error("the peer did not prove its identity (mutual authentication was not performed)")]
     NotMutual,
+    /// The client's authentication is not bound to the TLS session it arrived on: it carried
+    /// no channel bindings (MIT 1.19 and later accept that and only leave
+    /// `GSS_C_CHANNEL_BOUND_FLAG` unset), so it may have been relayed from another connection.
+    #[error("the client's Kerberos authentication carried no channel binding to this TLS session")]
+    Unbound,
+    /// The client presented a ticket for another service than this host's migration SPNs.
+    #[error("the client presented a ticket for \"{requested}\", ; this host accepts tickets only for {}", accepted.join(" and "))]
+    WrongService {
+        /// The service the ticket names (`HOST/hv2.lab.example.test@LAB.EXAMPLE.TEST`).
+        requested: String,
+        /// The principals accepted here.
+        accepted: Vec<String>,
+    },
+    /// The client's first token is not a Kerberos AP-REQ.
+    #[error("the client's first token is not a Kerberos authentication")]
+    BadToken(#[source] super::ticket::TicketError),
     /// The peer's token loop did not end.
     #[error("the Kerberos exchange did not finish after {0} round trips")]
     TooManySteps(usize),
+    /// A libkrb5 call failed (configuration, initial tickets, kpasswd, key derivation).
+    #[error(transparent)]
+    Krb5(#[from] super::libkrb5::Krb5Error),
     /// A private credential cache could not be made.
     #[error("could not create a private credential cache in {dir}")]
     CcacheDir {
@@ -241,6 +262,15 @@ impl KrbError {
     pub fn status(&self) -> Option<&GssStatus> {
         match self {
             KrbError::Gss { status, .. } => Some(status),
+            _ => None,
+        }
+    }
+
+    /// The krb5 (com_err) code behind the error, from GSSAPI's minor status or from libkrb5.
+    pub fn krb5_code(&self) -> Option<i32> {
+        match self {
+            KrbError::Gss { status, .. } => Some(status.krb5_code()),
+            KrbError::Krb5(e) => Some(e.code),
             _ => None,
         }
     }

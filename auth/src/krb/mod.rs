@@ -13,7 +13,13 @@
 //!   [`HostCredentials::impersonate`] runs S4U2Self ("protocol transition").
 //! * Contexts are typestates: [`InitPending::new`] → [`InitPending::step`] →
 //!   [`InitEstablished`]; [`AcceptPending::new`] → [`AcceptPending::step`] → [`Accepted`]. Channel
-//!   bindings are a required argument of both, so no context is ever made without them.
+//!   bindings are a required argument of both, so no context is ever made without them, and an
+//!   acceptor completes only when the client's bindings were verified
+//!   ([`GSS_C_CHANNEL_BOUND_FLAG`]): an authenticator without bindings, which MIT accepts, is
+//!   refused ([`KrbError::Unbound`]).
+//! * An acceptor takes tickets only for the host's migration SPNs ([`AcceptedServices`]): the
+//!   service named in the client's AP-REQ is checked before GSSAPI sees it ([`ticket`]), since
+//!   the keytab's one account key decrypts tickets for every service of the account.
 //!   Wrap/unwrap exist only on established contexts.
 //! * Acting for a user towards another host: initiate with the credential that
 //!   [`Accepted::take_delegated`] returned — a forwarded TGT (the client set the delegation
@@ -31,6 +37,9 @@ pub mod ccache;
 pub mod diagnose;
 pub mod error;
 pub mod keytab;
+pub mod libkrb5;
+pub mod refresh;
+pub mod ticket;
 
 use std::ffi::{CString, c_void};
 use std::fmt;
@@ -530,14 +539,33 @@ impl HostCredentials {
         Ok((cred, cache))
     }
 
+    /// The host account as the keytab spells it: MIT looks client keytab entries up
+    /// case-sensitively, and keytabs made by different tools write `hv1$` or `HV1$` while the
+    /// configuration says `HV1$`. The configured spelling when the keytab cannot be read or has
+    /// no such entry (acquiring then reports why).
+    fn account_in_keytab(&self) -> Principal {
+        let wanted = self.account.as_str();
+        keytab::read(&self.keytab)
+            .ok()
+            .and_then(|entries| {
+                entries
+                    .into_iter()
+                    .map(|e| format!("{}@{}", e.name, e.realm))
+                    .find(|p| p.eq_ignore_ascii_case(wanted))
+            })
+            .and_then(|p| Principal::parse(&p, None).ok())
+            .unwrap_or_else(|| self.account.clone())
+    }
+
     /// A credential for initiating as the host account itself.
     pub fn initiator(&self) -> Result<(Credential, OpCcache), KrbError> {
         let cc = OpCcache::new(&self.ccache_dir);
+        let account = self.account_in_keytab();
         let cred = acquire_from(
-            Some(&self.account),
+            Some(&account),
             CredUsage::Initiate,
             &self.store(&cc)?,
-            self.account.as_str(),
+            account.as_str(),
         )?;
         Ok((
             Credential {
@@ -742,13 +770,61 @@ impl InitEstablished {
     }
 }
 
+/// `GSS_C_CHANNEL_BOUND_FLAG` (MIT 1.19 and later): the initiator's channel bindings matched the
+/// acceptor's. Without it, an accepted context carried no bindings at all.
+pub const GSS_C_CHANNEL_BOUND_FLAG: u32 = 0x800;
+
+/// The service principals an acceptor takes tickets for: the host's migration SPNs (short and
+/// FQDN) in its realm. A ticket for any other service of the host's account (`HOST/`, `cifs/`,
+/// the account name itself) is refused before GSSAPI sees it (see [`ticket`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AcceptedServices {
+    spns: Vec<Spn>,
+    realm: String,
+}
+
+impl AcceptedServices {
+    /// `spns` in `realm`. An empty list accepts no ticket at all.
+    pub fn new(spns: Vec<Spn>, realm: &str) -> AcceptedServices {
+        AcceptedServices {
+            spns,
+            realm: realm.to_uppercase(),
+        }
+    }
+
+    /// The SPNs.
+    pub fn spns(&self) -> &[Spn] {
+        &self.spns
+    }
+
+    /// The accepted principals (`class/host@REALM`), for messages.
+    pub fn principals(&self) -> Vec<String> {
+        self.spns.iter().map(|s| s.principal(&self.realm)).collect()
+    }
+
+    /// Checks the service of a client's first token.
+    pub fn check(&self, token: &[u8]) -> Result<(), KrbError> {
+        let service = ticket::ticket_service(token).map_err(KrbError::BadToken)?;
+        if self.spns.iter().any(|s| service.is(s, &self.realm)) {
+            Ok(())
+        } else {
+            Err(KrbError::WrongService {
+                requested: service.to_string(),
+                accepted: self.principals(),
+            })
+        }
+    }
+}
+
 impl AcceptPending {
-    /// A context accepting with `cred` (from [`HostCredentials::acceptor`]), bound to the
-    /// channel bindings `cb`.
-    pub fn new(cred: &Credential, cb: Vec<u8>) -> AcceptPending {
+    /// A context accepting with `cred` (from [`HostCredentials::acceptor`]) tickets for
+    /// `services` only, bound to the channel bindings `cb`. It completes only when the client
+    /// bound its authentication to the same bindings ([`GSS_C_CHANNEL_BOUND_FLAG`]).
+    pub fn new(cred: &Credential, cb: Vec<u8>, services: &AcceptedServices) -> AcceptPending {
         AcceptPending {
             ctx: ServerCtx::new(Some(cred.cred.clone())),
             cb,
+            services: services.clone(),
             steps: 0,
         }
     }
@@ -758,6 +834,7 @@ impl AcceptPending {
 pub struct AcceptPending {
     ctx: ServerCtx,
     cb: Vec<u8>,
+    services: AcceptedServices,
     steps: usize,
 }
 
@@ -785,6 +862,9 @@ impl AcceptPending {
         if self.steps > MAX_STEPS {
             return Err(KrbError::TooManySteps(MAX_STEPS));
         }
+        if self.steps == 1 {
+            self.services.check(input)?;
+        }
         let out = self
             .ctx
             .step(input, Some(self.cb.as_slice()))
@@ -800,6 +880,11 @@ impl AcceptPending {
             .ctx
             .flags()
             .map_err(|e| KrbError::gss(KrbOp::Inquire, None, &e))?;
+        // Mismatching bindings fail in the step above (GSS_S_BAD_BINDINGS); missing ones are
+        // accepted by MIT and show only as a missing flag.
+        if flags.bits() & GSS_C_CHANNEL_BOUND_FLAG == 0 {
+            return Err(KrbError::Unbound);
+        }
         let name = self
             .ctx
             .source_name()

@@ -7,6 +7,11 @@
 //! (`json:` descriptions, network protocols). [`Disk::open`](super::Disk::open) uses the same
 //! walk, locking each file as it goes, and hands the opened files to the qcow2 driver, so what
 //! is inspected is what is opened.
+//!
+//! Given the host's storage roots ([`chain_in`], [`super::Disk::open_in`]), every layer is
+//! opened beneath them ([`StorageRoots::open_beneath`]): a disk path or backing reference that
+//! leads outside the roots — absolute, through `..`, or through a symbolic link — is refused
+//! ([`DiskError::OutsideRoots`]), and the refusal names the disk, never what a file holds.
 
 use std::collections::HashSet;
 use std::ffi::OsStr;
@@ -20,7 +25,8 @@ use serde::{Deserialize, Serialize};
 
 use super::header::{self, HeaderError};
 use super::lock::{self, LockMode};
-use super::{DiskError, DiskFormat, DiskSpec, MAX_DISK_SIZE};
+use super::{DiskError, DiskFormat, DiskSpec, FileId, MAX_DISK_SIZE};
+use crate::storage::paths::{StoragePathError, StorageRoots};
 
 /// The longest backing chain accepted, top layer included.
 pub const MAX_CHAIN_LAYERS: usize = 16;
@@ -45,6 +51,9 @@ pub struct LayerInfo {
     pub file_size: u64,
     /// The qcow2 cluster size, for qcow2 layers.
     pub cluster_size: Option<u64>,
+    /// The file itself (device and inode) as it was opened.
+    #[serde(default)]
+    pub id: FileId,
 }
 
 /// A disk's backing chain, top (the layer the guest writes to) first.
@@ -74,10 +83,82 @@ impl DiskChain {
 /// Reads the backing chain of `spec` without opening it for I/O and without locking it (like
 /// `qemu-img info --backing-chain -U`).
 pub fn chain(spec: &DiskSpec) -> Result<DiskChain, DiskError> {
-    let walked = walk(spec, false, false)?;
+    let walked = walk(spec, false, false, None)?;
     Ok(DiskChain {
         layers: walked.infos(),
     })
+}
+
+/// The same, every layer opened beneath `roots`: a chain with a file outside them is refused.
+pub fn chain_in(spec: &DiskSpec, roots: &StorageRoots) -> Result<DiskChain, DiskError> {
+    let walked = walk(spec, false, false, Some(roots))?;
+    Ok(DiskChain {
+        layers: walked.infos(),
+    })
+}
+
+/// The files of the chain of `spec` as far as it can be followed (headers only, no locks,
+/// nothing confined): a broken chain gives the layers before the break. For telling which
+/// files a VM that is off still needs.
+pub fn chain_files(spec: &DiskSpec) -> Vec<(PathBuf, FileId)> {
+    let mut out = Vec::new();
+    let mut next = Some(spec.clone());
+    while let Some(s) = next.take() {
+        if out.len() == MAX_CHAIN_LAYERS {
+            break;
+        }
+        // One layer at a time: its own header tells the next.
+        let Ok(walked) = walk_one(&s) else {
+            break;
+        };
+        if out.iter().any(|(_, id)| *id == walked.id) {
+            break;
+        }
+        out.push((walked.path.clone(), walked.id));
+        next = walked.backing.map(|path| DiskSpec {
+            path,
+            format: DiskFormat::Raw,
+        });
+    }
+    out
+}
+
+/// One layer's facts, for [`chain_files`] (its format is probed).
+struct OneLayer {
+    path: PathBuf,
+    id: FileId,
+    backing: Option<PathBuf>,
+}
+
+fn walk_one(spec: &DiskSpec) -> Result<OneLayer, DiskError> {
+    let path = std::path::absolute(&spec.path).map_err(|source| DiskError::Open {
+        path: spec.path.clone(),
+        source,
+    })?;
+    let file = File::open(&path).map_err(|source| DiskError::Open {
+        path: path.clone(),
+        source,
+    })?;
+    let meta = file.metadata().map_err(|source| DiskError::Open {
+        path: path.clone(),
+        source,
+    })?;
+    let id = FileId {
+        dev: meta.dev(),
+        ino: meta.ino(),
+    };
+    let mut magic = [0u8; 4];
+    let n = read_prefix(&file, &path, &mut magic)?;
+    if !header::has_qcow2_magic(magic.get(..n).unwrap_or(&[])) {
+        return Ok(OneLayer {
+            path,
+            id,
+            backing: None,
+        });
+    }
+    let (_, name) = read_qcow2_header(&file, &path, meta.len())?;
+    let backing = name.map(|n| resolve_backing(&path, &n)).transpose()?;
+    Ok(OneLayer { path, id, backing })
 }
 
 /// A layer's header facts and its open file.
@@ -116,9 +197,53 @@ enum NextFormat {
     Probe,
 }
 
+/// Opens one layer: beneath the roots when given, as a plain path otherwise.
+fn open_layer(
+    path: &Path,
+    write: bool,
+    roots: Option<&StorageRoots>,
+    top: &Path,
+    index: usize,
+) -> Result<File, DiskError> {
+    let Some(roots) = roots else {
+        return OpenOptions::new()
+            .read(true)
+            .write(write)
+            .open(path)
+            .map_err(|source| DiskError::Open {
+                path: path.to_path_buf(),
+                source,
+            });
+    };
+    roots.open_beneath(path, write).map_err(|e| match e {
+        StoragePathError::Missing { .. } => DiskError::Open {
+            path: path.to_path_buf(),
+            source: io::Error::from(io::ErrorKind::NotFound),
+        },
+        StoragePathError::NotAFile { .. } => DiskError::NotAFile {
+            path: path.to_path_buf(),
+        },
+        e if e.is_outside() => DiskError::OutsideRoots {
+            disk: top.to_path_buf(),
+            layer: index,
+            roots: roots.list(),
+        },
+        source => DiskError::Confine {
+            path: path.to_path_buf(),
+            source: Box::new(source),
+        },
+    })
+}
+
 /// Walks the chain of `spec`, opening every file (the top for writing if `writable`) and, if
 /// `take_locks`, locking each as QEMU would (writer on a writable top, reader elsewhere).
-pub(crate) fn walk(spec: &DiskSpec, writable: bool, take_locks: bool) -> Result<Walked, DiskError> {
+/// With `roots`, every layer is opened beneath them.
+pub(crate) fn walk(
+    spec: &DiskSpec,
+    writable: bool,
+    take_locks: bool,
+    roots: Option<&StorageRoots>,
+) -> Result<Walked, DiskError> {
     let top = std::path::absolute(&spec.path).map_err(|source| DiskError::Open {
         path: spec.path.clone(),
         source,
@@ -135,13 +260,11 @@ pub(crate) fn walk(spec: &DiskSpec, writable: bool, take_locks: bool) -> Result<
                 max: MAX_CHAIN_LAYERS,
             });
         }
-        let file = match OpenOptions::new()
-            .read(true)
-            .write(is_top && writable)
-            .open(&path)
-        {
+        let file = match open_layer(&path, is_top && writable, roots, &top, layers.len()) {
             Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound && !is_top => {
+            Err(DiskError::Open { source, .. })
+                if source.kind() == io::ErrorKind::NotFound && !is_top =>
+            {
                 let image = layers
                     .last()
                     .map_or_else(|| top.clone(), |l| l.info.path.clone());
@@ -150,7 +273,7 @@ pub(crate) fn walk(spec: &DiskSpec, writable: bool, take_locks: bool) -> Result<
                     backing: path,
                 });
             }
-            Err(source) => return Err(DiskError::Open { path, source }),
+            Err(e) => return Err(e),
         };
         let meta = file.metadata().map_err(|source| DiskError::Open {
             path: path.clone(),
@@ -188,6 +311,10 @@ pub(crate) fn walk(spec: &DiskSpec, writable: bool, take_locks: bool) -> Result<
         };
 
         let file_size = meta.len();
+        let id = FileId {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        };
         let info = match format {
             DiskFormat::Raw => LayerInfo {
                 path: path.clone(),
@@ -197,6 +324,7 @@ pub(crate) fn walk(spec: &DiskSpec, writable: bool, take_locks: bool) -> Result<
                 backing_name: None,
                 file_size,
                 cluster_size: None,
+                id,
             },
             DiskFormat::Qcow2 => {
                 let (hdr, backing_name) = read_qcow2_header(&file, &path, file_size)?;
@@ -223,6 +351,7 @@ pub(crate) fn walk(spec: &DiskSpec, writable: bool, take_locks: bool) -> Result<
                     backing_name,
                     file_size,
                     cluster_size: Some(1u64 << hdr.cluster_bits),
+                    id,
                 }
             }
         };
@@ -316,6 +445,44 @@ fn read_qcow2_header(
         }
     };
     Ok((hdr, backing_name))
+}
+
+/// What a file's first bytes say about it as a layer of a chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct LayerHeader {
+    /// It starts with the qcow2 magic.
+    pub qcow2: bool,
+    /// The backing reference in its header, exactly as written.
+    pub backing_name: Option<PathBuf>,
+    /// The backing format its header names, if any.
+    pub backing_format: Option<String>,
+}
+
+/// Reads the header of the open `file` (named `path` in messages): whether it is qcow2 and,
+/// if so, what it names as its backing file (a qcow2 header vmgate would refuse is an error).
+pub(crate) fn read_layer_header(file: &File, path: &Path) -> Result<LayerHeader, DiskError> {
+    let size = file
+        .metadata()
+        .map_err(|source| DiskError::ReadHeader {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .len();
+    let mut magic = [0u8; 4];
+    let n = read_prefix(file, path, &mut magic)?;
+    if !header::has_qcow2_magic(magic.get(..n).unwrap_or(&[])) {
+        return Ok(LayerHeader {
+            qcow2: false,
+            backing_name: None,
+            backing_format: None,
+        });
+    }
+    let (hdr, backing_name) = read_qcow2_header(file, path, size)?;
+    Ok(LayerHeader {
+        qcow2: true,
+        backing_name,
+        backing_format: hdr.backing_format,
+    })
 }
 
 /// Protocol prefixes QEMU would treat as something other than a local file.

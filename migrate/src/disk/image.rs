@@ -1,7 +1,9 @@
 //! Creating image files, and checksums of layers.
 //!
 //! Creation goes through imago (qcow2 v3, 64 KiB clusters, 16-bit refcounts, as `qemu-img
-//! create` makes by default); new files are never created over existing ones. Checksums are
+//! create` makes by default); new files are never created over existing ones, and are
+//! owner-only (0600) whatever the umask. [`format_raw`] / [`format_qcow2`] format a file the
+//! caller created (beneath the storage roots, see [`crate::storage::paths::StorageRoots`]). Checksums are
 //! SHA-256 over a layer's whole file, the same value `sha256sum` prints, so a destination can
 //! tell that a read-only parent it already has is byte-for-byte the one the source uses.
 
@@ -18,17 +20,25 @@ use sha2::{Digest, Sha256};
 use super::chain::{chain, resolve_backing};
 use super::{DiskError, DiskFormat, DiskSpec, MAX_DISK_SIZE};
 
-/// Creates `path` exclusively (refusing an existing file).
+/// Creates `path` exclusively (refusing an existing file), owner-only.
 fn create_new(path: &Path) -> Result<File, DiskError> {
-    OpenOptions::new()
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let err = |source| DiskError::Create {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = OpenOptions::new()
         .read(true)
         .write(true)
         .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .mode(0o600)
         .open(path)
-        .map_err(|source| DiskError::Create {
-            path: path.to_path_buf(),
-            source,
-        })
+        .map_err(err)?;
+    // The umask may have taken bits away, never added: set the mode exactly.
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(err)?;
+    Ok(file)
 }
 
 /// Refuses sizes the disk layer would refuse to open.
@@ -47,6 +57,12 @@ fn check_size(path: &Path, size: u64) -> Result<(), DiskError> {
 pub fn create_raw(path: &Path, size: u64) -> Result<(), DiskError> {
     check_size(path, size)?;
     let file = create_new(path)?;
+    format_raw(&file, path, size)
+}
+
+/// Makes the new, empty `file` (named `path` in messages) a sparse raw image of `size` bytes.
+pub fn format_raw(file: &File, path: &Path, size: u64) -> Result<(), DiskError> {
+    check_size(path, size)?;
     file.set_len(size).map_err(|source| DiskError::Create {
         path: path.to_path_buf(),
         source,
@@ -81,6 +97,22 @@ pub fn create_qcow2(
             });
         }
     };
+    let file = create_new(path)?;
+    format_qcow2(file, path, size, backing).inspect_err(|_| {
+        // Do not leave a half-formatted file behind.
+        let _ = std::fs::remove_file(path);
+    })
+}
+
+/// Formats the new, empty `file` (named `path` in messages) as a qcow2 image of `size` bytes,
+/// on `backing` (written into the header as given, with its format) if any. On failure the
+/// file may be half-formatted: the caller removes it.
+pub fn format_qcow2(
+    file: File,
+    path: &Path,
+    size: u64,
+    backing: Option<&DiskSpec>,
+) -> Result<(), DiskError> {
     check_size(path, size)?;
     let backing_ref = match backing {
         None => None,
@@ -96,7 +128,6 @@ pub fn create_qcow2(
             Some((name.to_owned(), fmt.to_owned()))
         }
     };
-    let file = create_new(path)?;
     let result = (|| -> io::Result<()> {
         let storage = imago::file::File::from_open_file(
             file,
@@ -108,13 +139,9 @@ pub fn create_qcow2(
         }
         builder.create()
     })();
-    result.map_err(|source| {
-        // Do not leave a half-formatted file behind.
-        let _ = std::fs::remove_file(path);
-        DiskError::Create {
-            path: path.to_path_buf(),
-            source,
-        }
+    result.map_err(|source| DiskError::Create {
+        path: path.to_path_buf(),
+        source,
     })
 }
 

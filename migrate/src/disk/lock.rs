@@ -175,9 +175,14 @@ pub fn holder(path: &Path) -> Result<Option<LockMode>, DiskError> {
         path: path.to_path_buf(),
         source,
     })?;
+    holder_of(&file, path)
+}
+
+/// The same for an open `file` (named `path` in messages).
+pub fn holder_of(file: &File, path: &Path) -> Result<Option<LockMode>, DiskError> {
     let held = |byte| -> Result<bool, DiskError> {
         let mut probe = flock_at(lock_type(libc::F_WRLCK), byte);
-        fcntl(&file, FcntlArg::F_OFD_GETLK(&mut probe)).map_err(|e| DiskError::Lock {
+        fcntl(file, FcntlArg::F_OFD_GETLK(&mut probe)).map_err(|e| DiskError::Lock {
             path: path.to_path_buf(),
             source: io::Error::from(e),
         })?;

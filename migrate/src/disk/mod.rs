@@ -35,11 +35,14 @@ use imago::{
 };
 use serde::{Deserialize, Serialize};
 
-pub use chain::{DiskChain, LayerInfo, MAX_CHAIN_LAYERS, chain};
+use crate::storage::paths::StorageRoots;
+
+pub(crate) use chain::read_layer_header;
+pub use chain::{DiskChain, LayerInfo, MAX_CHAIN_LAYERS, chain, chain_files, chain_in};
 pub use dirty::{DIRTY_BLOCK_SIZE, DirtyBlocks};
 pub use header::HeaderError;
-pub use image::{Sha256Digest, create_qcow2, create_raw, file_checksum};
-pub use lock::{LockMode, holder as lock_holder};
+pub use image::{Sha256Digest, create_qcow2, create_raw, file_checksum, format_qcow2, format_raw};
+pub use lock::{LockMode, holder as lock_holder, holder_of as lock_holder_of};
 
 use dirty::DirtyBitmap;
 
@@ -54,6 +57,44 @@ pub enum DiskFormat {
     Raw,
     /// QEMU copy-on-write v2/v3, possibly with a backing chain.
     Qcow2,
+}
+
+/// A file by device and inode: the same file under any name (or after a rename).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct FileId {
+    /// The device holding it.
+    pub dev: u64,
+    /// Its inode on that device.
+    pub ino: u64,
+}
+
+impl FileId {
+    /// The file at `path` (links followed).
+    pub fn of(path: &Path) -> io::Result<FileId> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path)?;
+        Ok(FileId {
+            dev: m.dev(),
+            ino: m.ino(),
+        })
+    }
+
+    /// An open file.
+    pub fn of_file(file: &File) -> io::Result<FileId> {
+        use std::os::unix::fs::MetadataExt;
+        let m = file.metadata()?;
+        Ok(FileId {
+            dev: m.dev(),
+            ino: m.ino(),
+        })
+    }
+
+    pub(crate) fn from_stat(st: &nix::sys::stat::FileStat) -> FileId {
+        FileId {
+            dev: st.st_dev,
+            ino: st.st_ino,
+        }
+    }
 }
 
 /// Where a disk image is and what format it has.
@@ -128,6 +169,29 @@ pub enum DiskError {
         /// What is wrong with the header.
         #[source]
         source: HeaderError,
+    },
+    /// A layer of the disk lies outside the host's storage roots (its path, a `..` or a
+    /// symbolic link leads out of them). Names the disk, never the reference's text.
+    #[error(
+        "{} of disk image {} is outside this host's storage roots ({roots}): its path, a symbolic link or \"..\" leads out of them",
+        layer_name(*.layer), .disk.display()
+    )]
+    OutsideRoots {
+        /// The disk (its top layer, as given).
+        disk: PathBuf,
+        /// Which layer: 0 is the disk image itself, 1 its backing file, and so on.
+        layer: usize,
+        /// The roots.
+        roots: crate::storage::paths::RootList,
+    },
+    /// Opening a layer beneath the storage roots failed for another reason.
+    #[error("cannot open {} inside this host's storage roots", .path.display())]
+    Confine {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: Box<crate::storage::paths::StoragePathError>,
     },
     /// A backing reference that is not a plain local file.
     #[error("disk image {} names its backing file as {name:?}, which is not a local file path", .image.display())]
@@ -263,6 +327,15 @@ pub enum DiskError {
     },
 }
 
+/// "the file" / "the backing file" / "layer N of the backing chain", for messages.
+fn layer_name(layer: usize) -> String {
+    match layer {
+        0 => "the file".into(),
+        1 => "the backing file".into(),
+        n => format!("layer {n} of the backing chain (counting the image as 0)"),
+    }
+}
+
 /// A part of the top layer that holds data of its own (see [`Disk::allocated`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Extent {
@@ -304,6 +377,8 @@ pub struct Disk {
     lock_handle: Option<File>,
     /// Handed over ([`Disk::release`]): writes are refused.
     released: AtomicBool,
+    /// The storage roots it was opened beneath (and is reopened beneath), if any.
+    roots: Option<StorageRoots>,
 }
 
 impl std::fmt::Debug for Disk {
@@ -328,7 +403,36 @@ impl Disk {
     /// Opens the image described by `spec` and its backing chain, for writing if `writable`
     /// (only the top layer is ever written), and locks the files as QEMU does.
     pub fn open(spec: &DiskSpec, writable: bool) -> Result<Disk, DiskError> {
-        let walked = chain::walk(spec, writable, true)?;
+        Disk::open_with(spec, writable, None)
+    }
+
+    /// The same, every layer opened beneath the host's storage roots
+    /// ([`StorageRoots::open_beneath`]): a disk or backing file outside them is refused
+    /// ([`DiskError::OutsideRoots`]). [`Disk::reopen`] keeps to the same roots.
+    pub fn open_in(
+        spec: &DiskSpec,
+        writable: bool,
+        roots: &StorageRoots,
+    ) -> Result<Disk, DiskError> {
+        Disk::open_with(spec, writable, Some(roots))
+    }
+
+    /// Opens the same image again (fresh metadata, fresh locks), beneath the same roots.
+    pub fn reopen(&self, writable: bool) -> Result<Disk, DiskError> {
+        Disk::open_with(&self.spec, writable, self.roots.as_ref())
+    }
+
+    /// The storage roots the disk was opened beneath, if any.
+    pub fn roots(&self) -> Option<&StorageRoots> {
+        self.roots.as_ref()
+    }
+
+    fn open_with(
+        spec: &DiskSpec,
+        writable: bool,
+        roots: Option<&StorageRoots>,
+    ) -> Result<Disk, DiskError> {
+        let walked = chain::walk(spec, writable, true, roots)?;
         let layers = walked.infos();
         let path = walked.top.info.path.clone();
         let size = walked.top.info.virtual_size;
@@ -362,6 +466,7 @@ impl Disk {
             dirty,
             lock_handle,
             released: AtomicBool::new(false),
+            roots: roots.cloned(),
         })
     }
 

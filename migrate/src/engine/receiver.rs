@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::link::{ChannelWriter, Link, LinkCloser, SharedWriter};
-use super::storage::{DestStorage, check_paths};
+use super::storage::{DestStorage, check_paths, check_shared};
 use super::wire::{MoveDocument, chain, decode_devices, decode_vcpu};
 use crate::protocol::{
     ErrorCode, ErrorMessage, Frame, FrameReader, Incompatibility, Message, MoveOutcome, Outcome,
@@ -48,37 +48,6 @@ pub mod incompatibility {
     /// images: a file is missing here, or the file at that path is not the one the running
     /// VM has open at the source (no lock of it is visible), i.e. the storage is not shared.
     pub const SHARED_STORAGE: u32 = 1010;
-}
-
-/// A move without its storage: each of the VM's images must be the very file the source's VM
-/// has open, seen here at the same path (shared storage). The source holds QEMU-style locks
-/// on its images until the switchover, so a file here that nobody has open is a different
-/// file (a local copy, or storage that is not shared).
-fn shared_storage_problems(config: &VmConfig) -> Vec<String> {
-    let fix = "move the VM with its storage (--include-storage), or make the storage shared";
-    let mut out = Vec::new();
-    for (index, d) in config.disks.iter().enumerate() {
-        let path = d.path.display();
-        match std::fs::metadata(&d.path) {
-            Err(e) => out.push(format!(
-                "disk {index} ({path}): this host does not see the VM's image ({e}); {fix}"
-            )),
-            Ok(m) if !m.is_file() => out.push(format!(
-                "disk {index} ({path}): this is not a regular file here; {fix}"
-            )),
-            Ok(_) => match crate::disk::lock_holder(&d.path) {
-                Ok(Some(_)) => {}
-                Ok(None) => out.push(format!(
-                    "disk {index} ({path}): the file this host sees is not the image the VM has open at the source (nobody holds a lock on it here), so the storage is not shared with this host; {fix}"
-                )),
-                Err(e) => out.push(format!(
-                    "disk {index} ({path}): its locks cannot be read here: {}",
-                    chain(&e)
-                )),
-            },
-        }
-    }
-    out
 }
 
 /// A host's own checks on an incoming VM (switches, storage roots, names), run with the
@@ -730,7 +699,10 @@ impl Session {
                     } else {
                         decoder.decode(&unit, &mut block).map_err(|e| e.to_string())
                     }
-                    .and_then(|()| st.store(b.disk, b.layer, unit.index, zero, &block));
+                    .and_then(|()| {
+                        st.store(b.disk, b.layer, unit.index, zero, &block)
+                            .map_err(|e| chain(&e))
+                    });
                     if let Err(e) = stored {
                         drop(storage);
                         self.local_failure(opts, &e);
@@ -797,15 +769,19 @@ impl Session {
                     lock(&self.state).as_ref(),
                     Some(ReceiverState::SwitchingOver(_))
                 );
-                let done: Result<(), String> = lock(&self.storage).as_mut().map_or(Ok(()), |st| {
-                    st.parents_complete()?;
-                    if a.round == 2 && !switching {
-                        st.sync_actives()?;
-                    }
-                    Ok(())
-                });
+                let done: Result<(), super::storage::StorageError> =
+                    lock(&self.storage).as_mut().map_or(Ok(()), |st| {
+                        st.parents_complete()?;
+                        if a.round == 2 && !switching {
+                            st.sync_actives()?;
+                        }
+                        Ok(())
+                    });
                 if let Err(e) = done {
-                    return self.local_failure(opts, &format!("preparing the disks failed: {e}"));
+                    return self.local_failure(
+                        opts,
+                        &format!("preparing the disks failed: {}", chain(&e)),
+                    );
                 }
                 self.send_or_lost(opts, 0, &Message::RoundAck(a))
             }
@@ -912,7 +888,7 @@ impl Session {
                     return self.local_failure(opts, "a layer action without a layer");
                 };
                 let answers = match lock(&self.storage).as_mut() {
-                    Some(st) => st.announce(l),
+                    Some(st) => st.announce(l).map_err(|e| chain(&e)),
                     None => Err(
                         "a disk layer was announced in a move that does not bring its disks".into(),
                     ),
@@ -1024,31 +1000,33 @@ impl Session {
         if let Some(check) = &opts.host_check {
             report.extend(check(&config));
         }
-        let mut roots = None;
-        if storage {
-            match check_paths(&opts.storage_roots, &config) {
-                Ok(r) => roots = Some(r),
-                Err(problems) => report.extend(problems.into_iter().map(|p| Incompatibility {
-                    id: incompatibility::STORAGE,
-                    message: p.into(),
-                })),
-            }
+        // Every disk path, and for shared storage every backing file too, inside this host's
+        // storage roots; the VM opens its disks beneath them.
+        let checked = if storage {
+            check_paths(&opts.storage_roots, &config).map(Some)
         } else {
-            report.extend(
-                shared_storage_problems(&config)
-                    .into_iter()
-                    .map(|p| Incompatibility {
-                        id: incompatibility::SHARED_STORAGE,
-                        message: p.into(),
-                    }),
-            );
-        }
+            check_shared(&opts.storage_roots, &config)
+        };
+        let roots = match checked {
+            Ok(r) => r,
+            Err(problems) => {
+                report.extend(problems.into_iter().map(|(id, p)| Incompatibility {
+                    id,
+                    message: p.into(),
+                }));
+                None
+            }
+        };
         if report.is_empty() {
-            match PreparedVm::prepare(config.clone(), &(opts.vm_options)(&config)) {
+            let mut vm_options = (opts.vm_options)(&config);
+            if vm_options.storage_roots.is_none() {
+                vm_options.storage_roots = roots.clone();
+            }
+            match PreparedVm::prepare(config.clone(), &vm_options) {
                 Ok(p) => {
                     *lock(&self.vcpus) = vec![None; usize::try_from(config.vcpus).unwrap_or(0)];
                     *lock(&self.prepared) = Some(Arc::new(p));
-                    if let Some(roots) = roots {
+                    if let (true, Some(roots)) = (storage, roots) {
                         *lock(&self.storage) = Some(DestStorage::new(roots, &config));
                     }
                 }
@@ -1081,7 +1059,8 @@ impl Session {
             .as_mut()
             .map_or(Ok(()), DestStorage::finish);
         if let Err(e) = disks {
-            return self.local_failure(opts, &format!("completing the disks failed: {e}"));
+            return self
+                .local_failure(opts, &format!("completing the disks failed: {}", chain(&e)));
         }
         let built = self.build();
         let vm = match built {

@@ -915,7 +915,7 @@ impl<'vm, 'p> Run<'vm, 'p> {
                 Err(e) => {
                     return Err(Stop::Here(MoveError::Failed {
                         phase: "setting up",
-                        cause: format!("reading the VM's disks failed: {e}"),
+                        cause: format!("reading the VM's disks failed: {}", chain(&e)),
                     }));
                 }
             }
@@ -1126,7 +1126,7 @@ impl<'vm, 'p> Run<'vm, 'p> {
         if round == 1 {
             let announcements = match self.storage.as_ref().map(SourceStorage::announcements) {
                 Some(Ok(a)) => a,
-                Some(Err(e)) => return Err(self.local_failure(&e)),
+                Some(Err(e)) => return Err(self.local_failure(&chain(&e))),
                 None => Vec::new(),
             };
             for m in &announcements {
@@ -1187,11 +1187,7 @@ impl<'vm, 'p> Run<'vm, 'p> {
                 2 => st.bulk(&mut sink, round),
                 _ => st.dirty(&mut sink, round, last),
             };
-            match r.and_then(|()| sink.end()) {
-                Ok(()) => Ok(sink.counts.clone()),
-                Err(e) if sink.was_cancelled() => Err(format!("cancelled: {e}")),
-                Err(e) => Err(e),
-            }
+            r.and_then(|()| sink.end()).map(|()| sink.counts.clone())
         });
         self.storage = Some(st);
         match result {
@@ -1200,7 +1196,7 @@ impl<'vm, 'p> Run<'vm, 'p> {
                 self.on_cancel()?;
                 Err(self.failed("the move was cancelled while the disks were copied"))
             }
-            Err(e) => Err(self.local_failure(&format!("copying the disks failed: {e}"))),
+            Err(e) => Err(self.local_failure(&format!("copying the disks failed: {}", chain(&e)))),
         }
     }
 

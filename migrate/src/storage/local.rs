@@ -12,16 +12,17 @@
 //!  switch      pause; last dirty blocks; reopen the copy under its final name; swap it
 //!              behind the block device; resume                            -- the short pause
 //!  release     flush the new file; drop the old disk; delete its files unless keep_source
-//!              (files another process still has open, e.g. a parent shared with another VM,
-//!              are kept and reported)
+//!              (a file another VM of the host has in a chain — running or off, as the
+//!              caller's inventory says ([`LocalMoveOptions::users`]) — a file another move
+//!              uses, and a file another process still has open are kept and reported)
 //! ```
 //!
 //! Until the swap, the VM runs on its old files, untouched; a cancel or any failure
 //! (including a full destination) removes everything the move created and resumes the VM if
-//! the move paused it.
+//! the move paused it. The destination files are created owner-only beneath the storage
+//! roots, and their names are reserved for the move from before the first is created
+//! ([`super::reserve`]): another move to the same files is refused, and never damages them.
 
-use std::fs::File;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,10 +35,11 @@ use super::mirror::{
 };
 use super::paths::{StorageDestination, StoragePathError, StorageRoots};
 use super::plan::{
-    Cleanup, DestLayer, LayerAction, PlanError, begin_file, check_space, commit_file,
+    ChainFolder, Cleanup, DestLayer, LayerAction, PlanError, begin_file, check_space, commit_file,
     create_active, describe_chain, finish_parent, open_layer, plan_destination,
 };
-use crate::disk::{Disk, DiskChain, DiskError};
+use super::users::{DiskUsers, NeededFiles, OldFile, delete_old_files};
+use crate::disk::{Disk, DiskChain, DiskError, FileId};
 use crate::vm::disk_swap::DiskSwapError;
 use crate::vm::{Vm, VmError};
 
@@ -128,13 +130,19 @@ pub enum LocalMoveError {
     },
 }
 
+pub use super::users::SourceFile;
+
 /// Options of a local move.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct LocalMoveOptions {
     /// Keep the old files (Move-VM's keep-source-copies).
     pub keep_source: bool,
     /// Mirror tuning.
     pub mirror: MirrorOptions,
+    /// Which files the host's VMs still need (its inventory, running and off VMs): an old
+    /// file another VM has in a chain is not deleted. `None`: no inventory, only other
+    /// processes' locks keep a file (a caller with VMs that can be off must pass it).
+    pub users: Option<Arc<dyn DiskUsers>>,
 }
 
 /// The move's phases.
@@ -168,17 +176,6 @@ pub struct MoveProgress {
     pub round: u32,
     /// Blocks the guest wrote that are not copied yet.
     pub dirty_blocks: u64,
-}
-
-/// What happened to one old file.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct SourceFile {
-    /// The file.
-    pub path: PathBuf,
-    /// Whether it was deleted.
-    pub deleted: bool,
-    /// Why it was kept, if it was.
-    pub kept_because: Option<String>,
 }
 
 /// The result of a local move.
@@ -265,8 +262,10 @@ pub fn move_storage(
             source: Box::new(e),
         })?;
 
+    // The folder, created owner-only, and every destination name reserved for this move
+    // before anything is written (the cleanup holds the reservation until it has run).
     let mut cleanup = Cleanup::new();
-    cleanup.create_folders(&plan.folders).map_err(plan_err)?;
+    let dir = ChainFolder::prepare(roots, &plan, &mut cleanup).map_err(plan_err)?;
     let copy_err = |path: &Path, e: MirrorError| match e {
         MirrorError::Cancelled => LocalMoveError::Cancelled { index },
         MirrorError::Write { source, .. } | MirrorError::Flush(source)
@@ -306,20 +305,21 @@ pub fn move_storage(
         state.layer = layer.layer;
         let base_bytes = state.bytes_copied;
         progress(&state);
-        let file = begin_file(layer, &mut cleanup).map_err(prepare_err)?;
+        let file = begin_file(&dir, layer, &mut cleanup).map_err(prepare_err)?;
         let mut sink = FileSink::new(file);
         copy_file(&src.path, &mut sink, cancel, &mut |n| {
             state.bytes_copied = base_bytes + n;
             progress(&state);
         })
         .map_err(|e| copy_err(&layer.partial, e))?;
-        drop(sink);
-        finish_parent(layer, &mut cleanup).map_err(prepare_err)?;
+        let file = sink.into_file();
+        finish_parent(&dir, layer, &file, &mut cleanup).map_err(prepare_err)?;
+        drop(file);
     }
 
     // The active layer: bulk and dirty rounds while the guest runs.
     state.layer = active.layer;
-    let dest = Arc::new(create_active(&active, &mut cleanup).map_err(prepare_err)?);
+    let dest = Arc::new(create_active(&dir, &plan, &mut cleanup).map_err(prepare_err)?);
     let mut sink = DiskSink::new(Arc::clone(&dest));
     let base_bytes = state.bytes_copied;
     let mut on_mirror = |p: &super::mirror::MirrorProgress| {
@@ -341,7 +341,7 @@ pub fn move_storage(
         .map_err(|e| copy_err(&active.partial, e))?;
 
     // The final name, while the guest still runs (the open file keeps being written).
-    commit_file(&active.partial, &active.path, &mut cleanup).map_err(prepare_err)?;
+    commit_file(&dir, &active.partial, &active.path, &mut cleanup).map_err(prepare_err)?;
     if cancel.load(Ordering::Relaxed) {
         return Err(LocalMoveError::Cancelled { index });
     }
@@ -362,7 +362,7 @@ pub fn move_storage(
         &mut mirror,
         sink,
         dest,
-        &active,
+        (roots, &active),
         cancel,
         &mut on_mirror,
     );
@@ -397,31 +397,51 @@ pub fn move_storage(
     // Release the old files.
     state.phase = MovePhase::Release;
     progress(&state);
-    let old_layers: Vec<PathBuf> = old.layers().iter().map(|l| l.path.clone()).collect();
+    let old_layers: Vec<(PathBuf, FileId)> = old
+        .layers()
+        .iter()
+        .map(|l| (l.path.clone(), l.id))
+        .collect();
     drop(old);
     drop(mirror);
     drop(source);
-    let new_files: Vec<(u64, u64)> = plan
-        .layers
-        .iter()
-        .filter_map(|l| std::fs::metadata(&l.path).ok().map(|m| (m.dev(), m.ino())))
-        .collect();
-    // The final pass' blocks are durable before the old files go.
-    let flushed = vm
+    let new_files: Vec<FileId> = vm
         .disk(index)
-        .map_or(Ok(()), |d| d.flush())
-        .map_err(|e| format!("the new file could not be flushed: {e}"));
-    let source_files = old_layers
-        .into_iter()
-        .map(|path| match &flushed {
-            Ok(()) => release(path, options.keep_source, &new_files),
-            Err(why) => SourceFile {
+        .map(|d| d.layers().iter().map(|l| l.id).collect())
+        .unwrap_or_default();
+    // The final pass' blocks are durable before the old files go.
+    let flushed = vm.disk(index).map_or(Ok(()), |d| d.flush());
+    let source_files = match flushed {
+        Ok(()) => {
+            let needed = options
+                .users
+                .as_ref()
+                .map_or_else(NeededFiles::new, |u| u.needed_files());
+            let old: Vec<OldFile<'_>> = old_layers
+                .iter()
+                .map(|(path, id)| OldFile {
+                    path,
+                    id: Some(*id),
+                    open_by_moved_vm: false,
+                })
+                .collect();
+            delete_old_files(
+                &old,
+                options.keep_source,
+                &vm.config().name,
+                &needed,
+                &new_files,
+            )
+        }
+        Err(e) => old_layers
+            .into_iter()
+            .map(|(path, _)| SourceFile {
                 path,
                 deleted: false,
-                kept_because: Some(why.clone()),
-            },
-        })
-        .collect();
+                kept_because: Some(format!("the new file could not be flushed: {e}")),
+            })
+            .collect(),
+    };
     let report = LocalMoveReport {
         disk: index,
         destination: active.path.clone(),
@@ -483,8 +503,8 @@ enum SwitchError {
     Swap(DiskSwapError),
 }
 
-/// With the VM paused: the final pass, the reopen under the final name and the swap.
-/// Returns the old disk.
+/// With the VM paused: the final pass, the reopen under the final name (beneath the roots)
+/// and the swap. Returns the old disk.
 #[allow(clippy::too_many_arguments)]
 fn switch(
     vm: &Vm,
@@ -492,7 +512,7 @@ fn switch(
     mirror: &mut Mirror,
     mut sink: DiskSink,
     dest: Arc<Disk>,
-    active: &DestLayer,
+    (roots, active): (&StorageRoots, &DestLayer),
     cancel: &AtomicBool,
     report: &mut dyn FnMut(&super::mirror::MirrorProgress),
 ) -> Result<Arc<Disk>, SwitchError> {
@@ -503,7 +523,7 @@ fn switch(
     // name is the only open handle and holds the only locks.
     drop(sink);
     drop(dest);
-    let new = Arc::new(reopen(&active.path, active.format).map_err(SwitchError::Plan)?);
+    let new = Arc::new(reopen(roots, &active.path, active.format).map_err(SwitchError::Plan)?);
     if cancel.load(Ordering::Relaxed) {
         return Err(SwitchError::Copy(MirrorError::Cancelled));
     }
@@ -515,10 +535,14 @@ fn switch(
 /// every open file description — and so its lock — until the child's `exec` closes it: for
 /// that instant the file looks in use. Such a lock goes away within milliseconds; one that
 /// stays (another process really has the file) is reported after 2 s.
-fn reopen(path: &Path, format: crate::disk::DiskFormat) -> Result<Disk, PlanError> {
+fn reopen(
+    roots: &StorageRoots,
+    path: &Path,
+    format: crate::disk::DiskFormat,
+) -> Result<Disk, PlanError> {
     let deadline = Instant::now() + Duration::from_secs(2);
     loop {
-        match open_layer(path, format) {
+        match open_layer(roots, path, format) {
             Err(PlanError::Image {
                 source: DiskError::InUse { .. },
                 ..
@@ -531,58 +555,23 @@ fn reopen(path: &Path, format: crate::disk::DiskFormat) -> Result<Disk, PlanErro
 }
 
 /// After a shared-nothing move, once the source VM is shut down: deletes each of `paths`
-/// (the read-only parents of the moved disks) unless `keep`, or another VM or QEMU still has
-/// it open (a parent shared with another VM stays).
-pub fn release_files(paths: &[PathBuf], keep: bool) -> Vec<SourceFile> {
-    paths
+/// (the read-only parents of the moved disks) unless `keep`, or a VM other than `moved` in
+/// `users` (the host's inventory, running and off VMs) has it in a chain, or a move in
+/// progress uses it, or another process (a VM or QEMU) still has it open.
+pub fn release_files(
+    paths: &[PathBuf],
+    keep: bool,
+    moved: &str,
+    users: &dyn DiskUsers,
+) -> Vec<SourceFile> {
+    let needed = users.needed_files();
+    let old: Vec<OldFile<'_>> = paths
         .iter()
-        .map(|p| release(p.clone(), keep, &[]))
-        .collect()
-}
-
-/// Deletes an old file unless kept or still in use by another open file (a lock probe that
-/// QEMU's locks answer too), or it is one of the new files.
-fn release(path: PathBuf, keep: bool, new_files: &[(u64, u64)]) -> SourceFile {
-    let kept = |why: &str| SourceFile {
-        path: path.clone(),
-        deleted: false,
-        kept_because: Some(why.to_owned()),
-    };
-    if keep {
-        return kept("the source files were to be kept");
-    }
-    let Ok(meta) = std::fs::metadata(&path) else {
-        return kept("it is no longer there");
-    };
-    if new_files.contains(&(meta.dev(), meta.ino())) {
-        return kept("it is also the destination's copy (reused in place)");
-    }
-    match in_use(&path) {
-        Ok(false) => {}
-        Ok(true) => return kept("another process (a VM or QEMU) still has it open"),
-        Err(e) => return kept(&format!("its locks cannot be read: {e}")),
-    }
-    match std::fs::remove_file(&path) {
-        Ok(()) => SourceFile {
+        .map(|path| OldFile {
             path,
-            deleted: true,
-            kept_because: None,
-        },
-        Err(e) => kept(&format!("it cannot be deleted: {e}")),
-    }
-}
-
-/// Whether any open file holds one of QEMU's image lock bytes (100..300) on `path`.
-fn in_use(path: &Path) -> std::io::Result<bool> {
-    use nix::fcntl::{FcntlArg, fcntl};
-    let file = File::open(path)?;
-    let mut probe = libc::flock {
-        l_type: libc::c_short::try_from(libc::F_WRLCK).unwrap_or(1),
-        l_whence: libc::c_short::try_from(libc::SEEK_SET).unwrap_or(0),
-        l_start: 100,
-        l_len: 200,
-        l_pid: 0,
-    };
-    fcntl(&file, FcntlArg::F_OFD_GETLK(&mut probe)).map_err(std::io::Error::from)?;
-    Ok(probe.l_type != libc::c_short::try_from(libc::F_UNLCK).unwrap_or(2))
+            id: None,
+            open_by_moved_vm: false,
+        })
+        .collect();
+    delete_old_files(&old, keep, moved, &needed, &[])
 }

@@ -1,8 +1,14 @@
 //! Storage moves: path policy, backing-chain plans, disk mirroring (local and for the engine).
 //!
-//! - [`paths`]: the destination's storage roots and Move-VM's storage options (one folder, or
-//!   a file per disk); refuses relative paths, `..`, and symbolic-link escapes before anything
-//!   is written.
+//! - [`paths`]: the host's storage roots, held open, and the one confinement API every disk
+//!   path goes through ([`paths::StorageRoots::open_beneath`], `create_beneath`,
+//!   `create_folders`, `folder`: `openat2` beneath the root, see [`beneath`]); Move-VM's
+//!   storage options (one folder, or a file per disk); refuses relative paths, `..`, and
+//!   symbolic-link escapes before anything is written.
+//! - [`reserve`]: the destination names moves are working on, so that two moves never write,
+//!   rename or delete each other's files.
+//! - [`users`]: which files the host's VMs still need ([`users::DiskUsers`], from the
+//!   caller's inventory), and the one place old files are deleted.
 //! - [`plan`]: a disk's backing chain as the source describes it (parents base first, with
 //!   checksums) and as the destination lays it out (paths, rewritten backing references,
 //!   reuse of identical parents by checksum), plus the steps that create the layers and a
@@ -37,7 +43,10 @@
 //! block `n` is bytes `n * 64 KiB..` of the file (a byte-for-byte copy keeps its checksum),
 //! for the active layer offset `n * 64 KiB` of the virtual disk.
 
+pub mod beneath;
 pub mod local;
 pub mod mirror;
 pub mod paths;
 pub mod plan;
+pub mod reserve;
+pub mod users;

@@ -1,32 +1,55 @@
-//! Where a moved disk may go: the destination's storage roots, and Move-VM's storage options.
+//! Where VM storage may be: the host's storage roots, every disk path confined to them, and
+//! Move-VM's storage options.
 //!
-//! A host lists the folders VM storage may live in (its *storage roots*). A move names either
-//! one folder for everything ([`StorageDestination::Folder`], Move-VM's
+//! A host lists the folders VM storage may live in (its *storage roots*). [`StorageRoots`]
+//! holds each root open and is the one way vmgate reaches a disk file: every disk path and
+//! every backing reference — of a VM created here, of a disk received or handed over in a
+//! move, of a file a move creates or reuses — is opened *beneath* the root it names
+//! (`openat2` with `RESOLVE_BENEATH`, see [`super::beneath`]): no `..` and no symbolic link
+//! can lead out of the root, and what was checked is what is opened, whatever changes on disk
+//! meanwhile. A kernel without `openat2` (before Linux 5.6) is refused with a clear error
+//! rather than checked by strings.
+//!
+//! - [`StorageRoots::open_beneath`]: an existing regular file (links inside the root are
+//!   followed, a link or `..` out of it is refused).
+//! - [`StorageRoots::create_beneath`]: a new file, owner-only (0600), never over anything.
+//! - [`StorageRoots::create_folders`]: the folders a destination needs, owner-only (0700).
+//! - [`StorageRoots::folder`]: an existing folder, held open, for what a move does in it
+//!   (create, rename into place, remove: [`super::beneath::Folder`]).
+//!
+//! A move names either one folder for everything ([`StorageDestination::Folder`], Move-VM's
 //! `-DestinationStoragePath`) or a file per disk ([`StorageDestination::PerDisk`], Move-VM's
-//! `-VHDs` table). Every destination file is checked before anything is written:
+//! `-VHDs` table). Every destination file is checked before anything is written
+//! ([`StorageRoots::check_file`]):
 //!
 //! - the path must be absolute and free of `..` components (refused as written, before any
-//!   file system access);
-//! - the deepest folder of it that exists is resolved with `canonicalize` (following every
-//!   symbolic link) and must lie inside a root, itself canonical; the folders that do not
-//!   exist yet will be created by the move, so no link can hide in them;
+//!   file system access), and lie inside a root as written;
+//! - the deepest folder of it that exists is opened beneath that root (a link out of it is
+//!   refused); the folders that do not exist yet will be created by the move, beneath it;
 //! - the file itself must not exist, unless it is a regular file the caller accepts (an
 //!   identical read-only parent that is reused); a symbolic link in its place is refused.
 //!
 //! Files being written carry the suffix [`PARTIAL_SUFFIX`] until they are complete, so what a
 //! crashed move leaves behind is recognizable, and is replaced by the next attempt.
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::fmt;
+use std::fs::File;
 use std::io;
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+use nix::errno::Errno;
+
+use super::beneath::{self, Entry, Folder};
 
 /// Suffix of files a move is still writing.
 pub const PARTIAL_SUFFIX: &str = ".vmgate-partial";
 
-/// Errors of the destination path policy. Every message names the path, and the roots where
-/// they matter.
+/// Errors of the storage-root policy. Every message names the path, and the roots where
+/// they matter; none shows what a file holds.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum StoragePathError {
     /// No storage root is configured.
     #[error("this host has no storage roots configured, so it accepts no VM storage")]
@@ -45,6 +68,15 @@ pub enum StoragePathError {
     RootNotAFolder {
         /// The root.
         root: PathBuf,
+    },
+    /// The kernel cannot open files beneath a folder (no `openat2`, before Linux 5.6).
+    #[error(
+        "this kernel cannot confine disk paths to the storage roots (openat2 with RESOLVE_BENEATH needs Linux 5.6 or later), so this host accepts no VM storage"
+    )]
+    Unsupported {
+        /// The kernel's answer.
+        #[source]
+        source: io::Error,
     },
     /// A relative destination.
     #[error("destination {} is a relative path; give an absolute path inside {roots}", .path.display())]
@@ -76,7 +108,7 @@ pub enum StoragePathError {
         /// The roots.
         roots: RootList,
     },
-    /// Inside a root as written, outside once symbolic links are followed.
+    /// Inside a root as written, outside once symbolic links (or `..`) are followed.
     #[error(
         "destination {} leads to {} through a symbolic link, which is outside this host's storage roots ({roots})",
         .path.display(), .resolved.display()
@@ -84,7 +116,8 @@ pub enum StoragePathError {
     SymlinkEscape {
         /// The path as given.
         path: PathBuf,
-        /// Where it really leads.
+        /// Where it leads, as far as it could be told (for the message only: the refusal
+        /// comes from the kernel's resolution beneath the root).
         resolved: PathBuf,
         /// The roots.
         roots: RootList,
@@ -115,7 +148,13 @@ pub enum StoragePathError {
         /// The component that is not a folder.
         blocker: PathBuf,
     },
-    /// The file system refused to say what is there.
+    /// The file to open does not exist.
+    #[error("{} does not exist", .path.display())]
+    Missing {
+        /// The path.
+        path: PathBuf,
+    },
+    /// The file system refused to say what is there, or to open, create or remove it.
     #[error("cannot inspect destination {}", .path.display())]
     Inspect {
         /// The path.
@@ -150,6 +189,20 @@ pub enum StoragePathError {
     },
 }
 
+impl StoragePathError {
+    /// Whether the path is refused as outside the storage roots (as written, or through a
+    /// link or `..`), as opposed to missing or unreadable.
+    pub fn is_outside(&self) -> bool {
+        matches!(
+            self,
+            StoragePathError::OutsideRoots { .. }
+                | StoragePathError::SymlinkEscape { .. }
+                | StoragePathError::DotDot { .. }
+                | StoragePathError::Relative { .. }
+        )
+    }
+}
+
 /// The roots, printed for messages as `"/a", "/b"`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RootList(pub Vec<PathBuf>);
@@ -166,13 +219,33 @@ impl fmt::Display for RootList {
     }
 }
 
-/// A host's storage roots, canonical (every symbolic link resolved).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct StorageRoots {
-    roots: Vec<PathBuf>,
-    /// The roots as configured, to tell a link escape from a path that was outside anyway.
-    configured: Vec<PathBuf>,
+/// A folder a move created: the folder it was created in, and its name there.
+pub type CreatedFolder = (Arc<Folder>, OsString);
+
+/// One root: where it really is, as configured, and held open.
+#[derive(Debug)]
+struct Root {
+    /// Canonical (where the open folder really is).
+    path: PathBuf,
+    /// As configured (paths may name the root this way too).
+    configured: PathBuf,
+    /// The open folder everything beneath is reached from.
+    dir: Folder,
 }
+
+/// A host's storage roots, each held open. Cheap to clone (the roots are shared).
+#[derive(Clone, Debug)]
+pub struct StorageRoots {
+    roots: Arc<[Root]>,
+}
+
+impl PartialEq for StorageRoots {
+    fn eq(&self, other: &StorageRoots) -> bool {
+        self.roots() == other.roots()
+    }
+}
+
+impl Eq for StorageRoots {}
 
 /// Move-VM's storage options.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -195,52 +268,222 @@ pub struct CheckedPath {
     pub missing_folders: Vec<PathBuf>,
 }
 
+/// What stands in the way of a path beneath a root, told from the kernel's error.
+fn beneath_error(
+    roots: &StorageRoots,
+    path: &Path,
+    folder_part: &Path,
+    e: Errno,
+) -> StoragePathError {
+    match e {
+        Errno::EXDEV | Errno::ELOOP => StoragePathError::SymlinkEscape {
+            path: path.to_path_buf(),
+            resolved: std::fs::canonicalize(folder_part).unwrap_or_else(|_| path.to_path_buf()),
+            roots: roots.list(),
+        },
+        Errno::ENOENT => StoragePathError::Missing {
+            path: path.to_path_buf(),
+        },
+        Errno::ENOTDIR => StoragePathError::NotAFolder {
+            path: path.to_path_buf(),
+            blocker: folder_part.to_path_buf(),
+        },
+        Errno::EINVAL => StoragePathError::NotAFile {
+            path: path.to_path_buf(),
+        },
+        Errno::ENOSYS | Errno::E2BIG => StoragePathError::Unsupported { source: e.into() },
+        e => StoragePathError::Inspect {
+            path: path.to_path_buf(),
+            source: e.into(),
+        },
+    }
+}
+
 impl StorageRoots {
-    /// Checks and canonicalizes the configured roots (each must be an existing folder).
+    /// Opens the configured roots (each must be an existing folder) and checks that this
+    /// kernel can open files beneath them.
     pub fn new<I, P>(roots: I) -> Result<StorageRoots, StoragePathError>
     where
         I: IntoIterator<Item = P>,
         P: AsRef<Path>,
     {
         let mut out = Vec::new();
-        let mut configured = Vec::new();
         for r in roots {
             let r = r.as_ref();
-            configured.push(r.to_path_buf());
-            let canon = std::fs::canonicalize(r).map_err(|source| StoragePathError::BadRoot {
+            let bad = |source| StoragePathError::BadRoot {
                 root: r.to_path_buf(),
                 source,
-            })?;
-            if !canon.is_dir() {
+            };
+            let meta = std::fs::metadata(r).map_err(bad)?;
+            if !meta.is_dir() {
                 return Err(StoragePathError::RootNotAFolder {
                     root: r.to_path_buf(),
                 });
             }
-            out.push(canon);
+            let mut dir = Folder::open_trusted(r).map_err(bad)?;
+            let canon = dir.real_path().map_err(bad)?;
+            beneath::supported(&dir)
+                .map_err(|e| StoragePathError::Unsupported { source: e.into() })?;
+            dir = Folder::open_trusted(&canon).map_err(bad)?.with_anchor(r);
+            out.push(Root {
+                path: canon,
+                configured: r.to_path_buf(),
+                dir,
+            });
         }
         if out.is_empty() {
             return Err(StoragePathError::NoRoots);
         }
-        Ok(StorageRoots {
-            roots: out,
-            configured,
-        })
+        Ok(StorageRoots { roots: out.into() })
     }
 
     /// The canonical roots.
-    pub fn roots(&self) -> &[PathBuf] {
-        &self.roots
+    pub fn roots(&self) -> Vec<PathBuf> {
+        self.roots.iter().map(|r| r.path.clone()).collect()
     }
 
-    fn list(&self) -> RootList {
-        RootList(self.roots.clone())
+    /// The roots, for messages.
+    pub fn list(&self) -> RootList {
+        RootList(self.roots())
     }
 
-    fn inside(&self, p: &Path) -> bool {
-        self.roots.iter().any(|r| p.starts_with(r))
+    /// The root `path` lies in as written (the deepest, if roots nest) and the rest of the
+    /// path below it. `..` components are left for the kernel to resolve beneath the root.
+    fn locate<'a>(&'a self, path: &Path) -> Result<(&'a Root, PathBuf), StoragePathError> {
+        if !path.is_absolute() {
+            return Err(StoragePathError::Relative {
+                path: path.to_path_buf(),
+                roots: self.list(),
+            });
+        }
+        let mut best: Option<(&Root, PathBuf)> = None;
+        for root in self.roots.iter() {
+            for base in [&root.path, &root.configured] {
+                if let Ok(rest) = path.strip_prefix(base) {
+                    let better = best
+                        .as_ref()
+                        .is_none_or(|(_, r)| rest.components().count() < r.components().count());
+                    if better {
+                        best = Some((root, rest.to_path_buf()));
+                    }
+                }
+            }
+        }
+        best.ok_or_else(|| StoragePathError::OutsideRoots {
+            path: path.to_path_buf(),
+            roots: self.list(),
+        })
     }
 
-    /// Checks the written form of `path`: absolute, no `..`, inside a root as written.
+    /// Whether `path` lies inside a root as written (nothing on disk is looked at).
+    pub fn contains(&self, path: &Path) -> bool {
+        self.locate(path).is_ok()
+    }
+
+    /// Opens the existing regular file at `path` beneath its root, for writing if `write`.
+    /// Links inside the root are followed, and `..` steps that stay inside it; a path outside
+    /// every root, or one a link or `..` leads out of, is refused.
+    pub fn open_beneath(&self, path: &Path, write: bool) -> Result<File, StoragePathError> {
+        let (root, rest) = self.locate(path)?;
+        root.dir
+            .open_file_beneath(&rest, write)
+            .map_err(|e| beneath_error(self, path, path.parent().unwrap_or(path), e))
+    }
+
+    /// The existing folder at `path`, opened beneath its root and held open (for creating,
+    /// renaming and removing files in it).
+    pub fn folder(&self, path: &Path) -> Result<Folder, StoragePathError> {
+        self.check_lexical(path)?;
+        let (root, rest) = self.locate(path)?;
+        root.dir
+            .descend(&rest, path.to_path_buf())
+            .map_err(|e| beneath_error(self, path, path, e))
+    }
+
+    /// Creates the new file at `path` (its folder must exist) beneath its root, owner-only
+    /// (0600), never over an existing file or link.
+    pub fn create_beneath(&self, path: &Path) -> Result<File, StoragePathError> {
+        let (folder, name) = self.split(path)?;
+        let folder = self.folder(folder)?;
+        folder
+            .create_file(name)
+            .map_err(|source| match source.raw_os_error() {
+                Some(libc::EEXIST) => StoragePathError::Exists {
+                    path: path.to_path_buf(),
+                },
+                _ => StoragePathError::Inspect {
+                    path: path.to_path_buf(),
+                    source,
+                },
+            })
+    }
+
+    /// Creates the folders of `folder` that do not exist, beneath its root, owner-only (0700);
+    /// returns the folder, open, and the folders created (outermost first, each with the
+    /// folder it was created in, to remove them again).
+    pub fn create_folders(
+        &self,
+        folder: &Path,
+    ) -> Result<(Folder, Vec<CreatedFolder>), StoragePathError> {
+        self.check_lexical(folder)?;
+        let (root, rest) = self.locate(folder)?;
+        let mut here = root
+            .dir
+            .descend(Path::new(""), root.path.clone())
+            .map_err(|e| beneath_error(self, folder, &root.path, e))?;
+        let mut created = Vec::new();
+        for c in rest.components() {
+            let Component::Normal(name) = c else {
+                continue;
+            };
+            let shown = here.path().join(name);
+            let next = match here.entry(name) {
+                Ok(Entry::Missing) => match here.create_folder(name) {
+                    Ok(f) => {
+                        let parent = Arc::new(here);
+                        created.push((Arc::clone(&parent), name.to_os_string()));
+                        Ok(f)
+                    }
+                    // Made meanwhile by someone else: open it (beneath, no link).
+                    Err(e) if e.raw_os_error() == Some(libc::EEXIST) => here.folder(name),
+                    Err(e) => Err(e),
+                },
+                Ok(Entry::Folder) => here.folder(name),
+                Ok(Entry::Link) => {
+                    // A link inside the root: follow it only beneath the root.
+                    let rel = shown
+                        .strip_prefix(&root.path)
+                        .unwrap_or(&shown)
+                        .to_path_buf();
+                    root.dir
+                        .descend(&rel, shown.clone())
+                        .map_err(|e| io::Error::from_raw_os_error(e as i32))
+                }
+                Ok(_) => Err(io::Error::from_raw_os_error(libc::ENOTDIR)),
+                Err(e) => Err(e),
+            };
+            here = next.map_err(|e| match e.raw_os_error().map(Errno::from_raw) {
+                Some(errno) => beneath_error(self, folder, &shown, errno),
+                None => StoragePathError::Inspect {
+                    path: folder.to_path_buf(),
+                    source: e,
+                },
+            })?;
+        }
+        Ok((here, created))
+    }
+
+    /// Splits a file path into its folder and its name.
+    fn split<'p>(&self, path: &'p Path) -> Result<(&'p Path, &'p OsStr), StoragePathError> {
+        let name = path
+            .file_name()
+            .ok_or_else(|| StoragePathError::NoFileName {
+                path: path.to_path_buf(),
+            })?;
+        Ok((path.parent().unwrap_or(Path::new("/")), name))
+    }
+
+    /// Checks the written form of `path`: absolute, no `..`.
     fn check_lexical(&self, path: &Path) -> Result<(), StoragePathError> {
         if !path.is_absolute() {
             return Err(StoragePathError::Relative {
@@ -272,16 +515,15 @@ impl StorageRoots {
             });
         };
         let folder = path.parent().unwrap_or(Path::new("/"));
-        let (canon_folder, missing) = self.resolve_folder(path, folder)?;
-        let resolved = canon_folder.join(name);
-        let exists = if missing.is_empty() {
-            match std::fs::symlink_metadata(&resolved) {
-                Ok(m) if m.file_type().is_symlink() => {
+        let (existing, missing) = self.resolve_folder(path, folder)?;
+        let exists = match &existing {
+            Some(dir) if missing.is_empty() => match dir.entry(name) {
+                Ok(Entry::Link) => {
                     return Err(StoragePathError::FileIsSymlink {
                         path: path.to_path_buf(),
                     });
                 }
-                Ok(m) if m.is_file() => {
+                Ok(Entry::File(_)) => {
                     if !allow_existing {
                         return Err(StoragePathError::Exists {
                             path: path.to_path_buf(),
@@ -289,21 +531,29 @@ impl StorageRoots {
                     }
                     true
                 }
+                Ok(Entry::Missing) => false,
                 Ok(_) => {
                     return Err(StoragePathError::NotAFile {
                         path: path.to_path_buf(),
                     });
                 }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => false,
                 Err(source) => {
                     return Err(StoragePathError::Inspect {
                         path: path.to_path_buf(),
                         source,
                     });
                 }
-            }
-        } else {
-            false
+            },
+            _ => false,
+        };
+        let canon_folder = match &existing {
+            Some(dir) => dir
+                .real_path()
+                .map_err(|source| StoragePathError::Inspect {
+                    path: path.to_path_buf(),
+                    source,
+                })?,
+            None => PathBuf::from("/"),
         };
         let mut full = canon_folder.clone();
         let missing_folders = missing
@@ -321,77 +571,70 @@ impl StorageRoots {
         })
     }
 
-    /// Checks a destination folder (it may not exist yet); returns it in canonical form.
+    /// Checks a destination folder (it may not exist yet); returns it as it will be reached
+    /// (the existing part as it really is, then the folders to create).
     pub fn check_folder(&self, path: &Path) -> Result<PathBuf, StoragePathError> {
         self.check_lexical(path)?;
-        let (canon, missing) = self.resolve_folder(path, path)?;
-        let mut out = canon;
+        let (existing, missing) = self.resolve_folder(path, path)?;
+        let mut out = match existing {
+            Some(dir) => dir
+                .real_path()
+                .map_err(|source| StoragePathError::Inspect {
+                    path: path.to_path_buf(),
+                    source,
+                })?,
+            None => PathBuf::from("/"),
+        };
         out.extend(missing);
         Ok(out)
     }
 
-    /// Resolves `folder` (part of the destination `path`): the deepest existing ancestor,
-    /// canonical and inside a root, and the names below it that do not exist yet.
+    /// Resolves `folder` (part of the destination `path`) beneath its root: the deepest
+    /// existing folder, open, and the names below it that do not exist yet.
     fn resolve_folder(
         &self,
         path: &Path,
         folder: &Path,
-    ) -> Result<(PathBuf, Vec<OsString>), StoragePathError> {
+    ) -> Result<(Option<Folder>, Vec<OsString>), StoragePathError> {
+        let (root, rest) = self.locate(folder).map_err(|e| match e {
+            StoragePathError::OutsideRoots { roots, .. } => StoragePathError::OutsideRoots {
+                path: path.to_path_buf(),
+                roots,
+            },
+            e => e,
+        })?;
         let mut missing: Vec<OsString> = Vec::new();
-        let mut existing = folder.to_path_buf();
+        let mut rel = rest;
         loop {
-            match std::fs::symlink_metadata(&existing) {
-                Ok(_) => break,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    let Some(name) = existing.file_name() else {
-                        break;
+            let shown = root.path.join(&rel);
+            match root.dir.descend(&rel, shown.clone()) {
+                Ok(dir) => {
+                    missing.reverse();
+                    return Ok((Some(dir), missing));
+                }
+                Err(Errno::ENOENT) => {
+                    let Some(name) = rel.file_name() else {
+                        return Err(beneath_error(self, path, &shown, Errno::ENOENT));
                     };
                     missing.push(name.to_os_string());
-                    if !existing.pop() {
-                        break;
-                    }
+                    rel.pop();
                 }
-                Err(source) => {
-                    return Err(StoragePathError::Inspect {
+                Err(Errno::ENOTDIR) => {
+                    return Err(StoragePathError::NotAFolder {
                         path: path.to_path_buf(),
-                        source,
+                        blocker: folder_as_written(folder, &missing),
                     });
+                }
+                Err(e) => {
+                    return Err(beneath_error(
+                        self,
+                        path,
+                        &folder_as_written(folder, &missing),
+                        e,
+                    ));
                 }
             }
         }
-        missing.reverse();
-        let canon =
-            std::fs::canonicalize(&existing).map_err(|source| StoragePathError::Inspect {
-                path: path.to_path_buf(),
-                source,
-            })?;
-        if !canon.is_dir() {
-            return Err(StoragePathError::NotAFolder {
-                path: path.to_path_buf(),
-                blocker: existing,
-            });
-        }
-        if !self.inside(&canon) {
-            // Lexically inside a root (or a root's own link) but not once resolved: a link.
-            let as_written_inside = self
-                .roots
-                .iter()
-                .chain(&self.configured)
-                .any(|r| path.starts_with(r));
-            return Err(if as_written_inside {
-                StoragePathError::SymlinkEscape {
-                    path: path.to_path_buf(),
-                    resolved: canon,
-                    roots: self.list(),
-                }
-            } else {
-                StoragePathError::OutsideRoots {
-                    path: path.to_path_buf(),
-                    roots: self.list(),
-                }
-            });
-        }
-        Ok((canon, missing))
     }
 
     /// Resolves the destination file of each disk. `sources[i]` is disk `i`'s current top
@@ -442,6 +685,15 @@ impl StorageRoots {
         }
         Ok(out)
     }
+}
+
+/// `folder` without the `missing` names below it (the deepest part that was looked up).
+fn folder_as_written(folder: &Path, missing: &[OsString]) -> PathBuf {
+    let mut p = folder.to_path_buf();
+    for _ in missing {
+        p.pop();
+    }
+    p
 }
 
 /// The name a file has while a move writes it.

@@ -15,25 +15,36 @@
 //!   with its backing reference read as the source's, must equal the source's checksum, and
 //!   its actual reference must be the one this plan would write.
 //! - Parents are copied byte for byte into `<file>.vmgate-partial` ([`begin_file`] +
-//!   [`crate::storage::mirror::copy_file`]), their backing reference is rewritten if needed,
-//!   and they are renamed into place ([`finish_parent`]), base first. The active layer is
-//!   created empty on top of them ([`create_active`]) and filled by the mirror, then renamed
-//!   ([`commit_file`]). A [`Cleanup`] removes everything created if the move does not
-//!   complete.
+//!   [`crate::storage::mirror::copy_file`]), checked against what the source announced (a
+//!   copied parent whose header names another backing file is refused), their backing
+//!   reference is rewritten if needed, and they are renamed into place ([`finish_parent`]),
+//!   base first. The active layer is created empty on top of them ([`create_active`]), its
+//!   whole chain is opened beneath the roots and must be exactly the planned files
+//!   ([`verify_chain`]); it is filled by the mirror, then renamed ([`commit_file`]). A
+//!   [`Cleanup`] removes everything created if the move does not complete.
+//! - Everything happens in the chain's folder held open beneath its storage root
+//!   ([`ChainFolder`]): folders and files are created owner-only (0700/0600), renames never
+//!   replace a file, and every name is reserved ([`super::reserve`]) before it is written, so
+//!   two moves never touch each other's files.
 
-use std::fs::{File, OpenOptions};
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+use super::beneath::{Entry, Folder};
 use super::paths::{CheckedPath, StoragePathError, StorageRoots, partial_path};
+use super::reserve::{Reservation, ReserveError, Use, folder_in_use};
 use crate::disk::{
-    Disk, DiskChain, DiskError, DiskFormat, DiskSpec, Sha256Digest, create_qcow2, create_raw,
+    Disk, DiskChain, DiskError, DiskFormat, DiskSpec, FileId, Sha256Digest, format_qcow2,
+    format_raw,
 };
 
 /// Longest backing reference a qcow2 header holds (QEMU's limit).
@@ -72,9 +83,9 @@ pub enum PlanError {
         /// The other.
         second: u32,
     },
-    /// A different file is where a parent should go.
+    /// A different file is where a parent should go. Says nothing of what the file holds.
     #[error(
-        "{} already exists at the destination and is not identical to layer {layer} of the disk (checksum {found}, expected {expected}); remove it or choose another destination",
+        "{} already exists at the destination and is not identical to layer {layer} of the disk; remove it or choose another destination",
         .path.display()
     )]
     Conflict {
@@ -82,11 +93,35 @@ pub enum PlanError {
         path: PathBuf,
         /// The layer.
         layer: u32,
-        /// Its checksum there (with the source's backing reference).
-        found: String,
-        /// The source's.
-        expected: String,
     },
+    /// A copied parent is not what the source announced: its header names another backing
+    /// file (or another format). Says nothing of what it names.
+    #[error(
+        "layer {layer} of the disk ({}) is not what the source announced: {what}; the move is refused",
+        .path.display()
+    )]
+    NotAnnounced {
+        /// The file at the destination.
+        path: PathBuf,
+        /// The layer.
+        layer: u32,
+        /// What differs.
+        what: &'static str,
+    },
+    /// The chain opened at the destination is not the planned one.
+    #[error(
+        "the backing chain of {} does not consist of the files this move placed ({what}); the move is refused",
+        .path.display()
+    )]
+    ChainMismatch {
+        /// The active layer.
+        path: PathBuf,
+        /// What differs.
+        what: String,
+    },
+    /// A destination name is in use by another move.
+    #[error("the destination is in use")]
+    Reserved(#[from] ReserveError),
     /// A qcow2 header whose backing reference cannot be rewritten.
     #[error("cannot rewrite the backing reference of {}: {reason}", .path.display())]
     Header {
@@ -152,6 +187,9 @@ pub struct SourceLayer {
     pub checksum: Option<Sha256Digest>,
     /// The backing reference exactly as written in the header (None for the base).
     pub backing_name: Option<PathBuf>,
+    /// The file itself, when it is a local one (the source's layers).
+    #[serde(skip)]
+    pub id: Option<FileId>,
 }
 
 /// A disk's chain as the source describes it, base first.
@@ -274,6 +312,7 @@ pub fn describe_chain(chain: &DiskChain, cancel: &AtomicBool) -> Result<SourcePl
             allocated_bytes: meta.blocks().saturating_mul(512),
             checksum,
             backing_name: info.backing_name.clone(),
+            id: Some(info.id),
         });
     }
     Ok(SourcePlan { layers })
@@ -332,7 +371,7 @@ pub fn plan_destination(
         } else {
             let checked = roots.check_file(&path, true)?;
             if checked.exists {
-                verify_reuse(&path, l, backing_name.as_deref())?;
+                verify_reuse(roots, &path, l, backing_name.as_deref())?;
                 LayerAction::Reuse
             } else {
                 needed = needed.saturating_add(l.allocated_bytes);
@@ -379,11 +418,13 @@ fn destination_reference(name: &Path, parent: &Path) -> PathBuf {
     }
 }
 
-/// Checks that the file at `path` is the source parent `l` with `reference` as its backing
-/// reference (what [`plan_destination`] writes): its actual reference must be `reference`,
-/// and its SHA-256, with the reference read as the source's, must be the source's checksum.
-/// [`PlanError::Conflict`] otherwise. This is the reuse decision of [`plan_destination`].
+/// Checks that the file at `path` (opened beneath `roots`) is the source parent `l` with
+/// `reference` as its backing reference (what [`plan_destination`] writes): its actual
+/// reference must be `reference`, and its SHA-256, with the reference read as the source's,
+/// must be the source's checksum. [`PlanError::Conflict`] otherwise, which says nothing of
+/// what the file holds. This is the reuse decision of [`plan_destination`].
 pub fn verify_reuse(
+    roots: &StorageRoots,
     path: &Path,
     l: &SourceLayer,
     reference: Option<&Path>,
@@ -391,32 +432,26 @@ pub fn verify_reuse(
     let Some(expected) = l.checksum else {
         return Err(PlanError::EmptyChain);
     };
-    let conflict = |found: String| PlanError::Conflict {
+    let conflict = || PlanError::Conflict {
         path: path.to_path_buf(),
         layer: l.layer,
-        found,
-        expected: expected.to_string(),
     };
+    let mut file = roots.open_beneath(path, false)?;
     if l.format == DiskFormat::Qcow2 && l.backing_name.is_some() {
-        let here = read_backing_name(path)?;
+        // An unreadable header is just "not identical": nothing of the file is told.
+        let here = read_backing_name(&file, path).map_err(|_| conflict())?;
         if here.as_deref() != reference {
-            return Err(conflict(format!(
-                "of a file whose backing reference is {:?}",
-                here.unwrap_or_default()
-            )));
+            return Err(conflict());
         }
     }
     let found = match (&l.backing_name, reference) {
         (Some(src), Some(dst)) if src.as_path() != dst => {
-            checksum_with_backing(path, src.as_os_str().as_bytes())?
+            checksum_with_backing(&mut file, path, src.as_os_str().as_bytes())?
         }
-        _ => crate::disk::file_checksum(path).map_err(|source| PlanError::Checksum {
-            layer: l.layer,
-            source,
-        })?,
+        _ => sha256_of(&mut file, path, 0, Sha256::new())?,
     };
     if found != expected {
-        return Err(conflict(found.to_string()));
+        return Err(conflict());
     }
     Ok(())
 }
@@ -465,10 +500,9 @@ fn backing_slot(cluster: &[u8]) -> Option<(usize, usize)> {
     Some((usize::try_from(off).ok()?, usize::try_from(len).ok()?))
 }
 
-/// The backing reference in the header of the qcow2 file at `path`.
-fn read_backing_name(path: &Path) -> Result<Option<PathBuf>, PlanError> {
-    let file = File::open(path).map_err(io_err("open", path))?;
-    let cluster = read_first_cluster(&file, path)?;
+/// The backing reference in the header of the open qcow2 `file` (named `path` in messages).
+fn read_backing_name(file: &File, path: &Path) -> Result<Option<PathBuf>, PlanError> {
+    let cluster = read_first_cluster(file, path)?;
     Ok(backing_slot(&cluster).and_then(|(off, len)| {
         cluster
             .get(off..off.checked_add(len)?)
@@ -511,18 +545,31 @@ fn patch_backing(cluster: &[u8], path: &Path, name: &[u8]) -> Result<Vec<u8>, Pl
     Ok(out)
 }
 
-/// SHA-256 of the qcow2 file at `path` as it would be with backing reference `name`.
-pub fn checksum_with_backing(path: &Path, name: &[u8]) -> Result<Sha256Digest, PlanError> {
-    let mut file = File::open(path).map_err(io_err("open", path))?;
-    let cluster = read_first_cluster(&file, path)?;
+/// SHA-256 of the open qcow2 `file` as it would be with backing reference `name`.
+pub fn checksum_with_backing(
+    file: &mut File,
+    path: &Path,
+    name: &[u8],
+) -> Result<Sha256Digest, PlanError> {
+    let cluster = read_first_cluster(file, path)?;
     let patched = patch_backing(&cluster, path, name)?;
     let mut hasher = Sha256::new();
     hasher.update(&patched);
     let skip = u64::try_from(cluster.len()).unwrap_or(u64::MAX);
-    io::Seek::seek(&mut file, io::SeekFrom::Start(skip)).map_err(io_err("read", path))?;
+    sha256_of(file, path, skip, hasher)
+}
+
+/// Feeds `file` from `from` to its end into `hasher`.
+fn sha256_of(
+    file: &mut File,
+    path: &Path,
+    from: u64,
+    mut hasher: Sha256,
+) -> Result<Sha256Digest, PlanError> {
+    io::Seek::seek(file, io::SeekFrom::Start(from)).map_err(io_err("read", path))?;
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = match io::Read::read(&mut file, &mut buf) {
+        let n = match io::Read::read(file, &mut buf) {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -536,12 +583,17 @@ pub fn checksum_with_backing(path: &Path, name: &[u8]) -> Result<Sha256Digest, P
 /// Rewrites the backing reference of the qcow2 file at `path` to `name` (like
 /// `qemu-img rebase -u`: the data is not touched).
 pub fn rewrite_backing(path: &Path, name: &[u8]) -> Result<(), PlanError> {
-    let file = OpenOptions::new()
+    let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open(path)
         .map_err(io_err("open", path))?;
-    let cluster = read_first_cluster(&file, path)?;
+    rewrite_backing_of(&file, path, name)
+}
+
+/// The same on an open file (named `path` in messages).
+fn rewrite_backing_of(file: &File, path: &Path, name: &[u8]) -> Result<(), PlanError> {
+    let cluster = read_first_cluster(file, path)?;
     let patched = patch_backing(&cluster, path, name)?;
     file.write_all_at(&patched, 0)
         .map_err(io_err("write the header of", path))?;
@@ -549,11 +601,15 @@ pub fn rewrite_backing(path: &Path, name: &[u8]) -> Result<(), PlanError> {
 }
 
 /// Removes what a move created unless it completed ([`Cleanup::disarm`]): files first, newest
-/// first, then the folders it created (only if they are empty).
+/// first, then the folders it created (only if they are empty and no other move works in
+/// them). Everything is removed through the folders held open, never by path. It also holds
+/// the move's reservations of destination names ([`super::reserve`]) until it is dropped, or
+/// until its files are removed: another move never gets a name this one may still remove.
 #[derive(Debug)]
 pub struct Cleanup {
-    files: Vec<PathBuf>,
-    folders: Vec<PathBuf>,
+    files: Vec<(Arc<Folder>, OsString)>,
+    folders: Vec<(Arc<Folder>, OsString)>,
+    reservations: Vec<Reservation>,
     armed: bool,
 }
 
@@ -563,28 +619,31 @@ impl Cleanup {
         Cleanup {
             files: Vec::new(),
             folders: Vec::new(),
+            reservations: Vec::new(),
             armed: true,
         }
     }
 
-    /// Removes `path` on failure.
-    pub fn file(&mut self, path: &Path) {
-        self.files.push(path.to_path_buf());
+    /// Holds `reservation` until the move's files are removed or the cleanup is dropped.
+    pub fn hold(&mut self, reservation: Reservation) {
+        self.reservations.push(reservation);
     }
 
-    /// Creates the missing `folders` (outermost first), to be removed on failure.
-    pub fn create_folders(&mut self, folders: &[PathBuf]) -> Result<(), PlanError> {
-        for f in folders {
-            match std::fs::create_dir(f) {
-                Ok(()) => self.folders.push(f.clone()),
-                // Made meanwhile by someone else: fine if it is a real folder (not a link).
-                Err(e)
-                    if e.kind() == io::ErrorKind::AlreadyExists
-                        && std::fs::symlink_metadata(f).is_ok_and(|m| m.is_dir()) => {}
-                Err(e) => return Err(io_err("create the folder", f)(e)),
-            }
-        }
-        Ok(())
+    /// Removes `name` in `folder` on failure.
+    pub fn file(&mut self, folder: &Arc<Folder>, name: &OsStr) {
+        self.files.push((Arc::clone(folder), name.to_os_string()));
+    }
+
+    /// Creates the missing folders of `folder` beneath `roots` (owner-only), to be removed on
+    /// failure; returns it, open.
+    pub fn create_folders(
+        &mut self,
+        roots: &StorageRoots,
+        folder: &Path,
+    ) -> Result<Arc<Folder>, PlanError> {
+        let (dir, created) = roots.create_folders(folder)?;
+        self.folders.extend(created);
+        Ok(Arc::new(dir))
     }
 
     /// The move completed: keep everything.
@@ -598,11 +657,19 @@ impl Cleanup {
             return;
         }
         self.armed = false;
-        for f in self.files.drain(..).rev() {
-            let _ = std::fs::remove_file(&f);
+        for (dir, name) in self.files.drain(..).rev() {
+            let _ = dir.remove_file(&name);
         }
-        for d in self.folders.drain(..).rev() {
-            let _ = std::fs::remove_dir(&d);
+        // Our names are free again; a folder another move works in now stays.
+        self.reservations.clear();
+        for (parent, name) in self.folders.drain(..).rev() {
+            let busy = parent
+                .folder(&name)
+                .and_then(|f| f.id())
+                .is_ok_and(folder_in_use);
+            if !busy {
+                let _ = parent.remove_folder(&name);
+            }
         }
     }
 }
@@ -619,100 +686,292 @@ impl Drop for Cleanup {
     }
 }
 
-/// Creates `layer.partial` (replacing a leftover partial file of an earlier attempt) with the
-/// layer's file length, sparse, registered with `cleanup`; returns it open for writing.
-pub fn begin_file(layer: &DestLayer, cleanup: &mut Cleanup) -> Result<File, PlanError> {
-    remove_leftover(&layer.partial)?;
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&layer.partial)
+/// The folder a chain goes to: created (owner-only) and held open beneath its storage root,
+/// with every name of the chain reserved for this move ([`super::reserve`]; the
+/// [`Cleanup`] holds the reservation).
+#[derive(Debug)]
+pub struct ChainFolder {
+    folder: Arc<Folder>,
+    roots: StorageRoots,
+}
+
+impl ChainFolder {
+    /// Creates the plan's missing folders (registered with `cleanup`), opens its folder
+    /// beneath `roots` and reserves every layer's name there (held by `cleanup`): written
+    /// layers exclusively, reused parents shared. No file is created if a name is taken.
+    pub fn prepare(
+        roots: &StorageRoots,
+        plan: &DestinationPlan,
+        cleanup: &mut Cleanup,
+    ) -> Result<ChainFolder, PlanError> {
+        let folder_path = plan.folder().ok_or(PlanError::EmptyChain)?;
+        let folder = cleanup.create_folders(roots, folder_path)?;
+        let mut reservation = Reservation::new();
+        for l in &plan.layers {
+            let how = match l.action {
+                LayerAction::Reuse => Use::Reuse,
+                LayerAction::Copy | LayerAction::Mirror => Use::Write,
+            };
+            reservation.take(&folder, name_of(&l.path)?, how)?;
+        }
+        cleanup.hold(reservation);
+        Ok(ChainFolder {
+            folder,
+            roots: roots.clone(),
+        })
+    }
+
+    /// The folder, open.
+    pub fn folder(&self) -> &Arc<Folder> {
+        &self.folder
+    }
+}
+
+fn name_of(path: &Path) -> Result<&OsStr, PlanError> {
+    path.file_name().ok_or_else(|| {
+        PlanError::Path(StoragePathError::NoFileName {
+            path: path.to_path_buf(),
+        })
+    })
+}
+
+/// Creates `layer.partial` in `dir` (replacing a leftover partial file of an earlier attempt)
+/// with the layer's file length, sparse, owner-only, registered with `cleanup`; returns it
+/// open for writing.
+pub fn begin_file(
+    dir: &ChainFolder,
+    layer: &DestLayer,
+    cleanup: &mut Cleanup,
+) -> Result<File, PlanError> {
+    let name = name_of(&layer.partial)?;
+    remove_leftover(dir, &layer.partial)?;
+    let file = dir
+        .folder
+        .create_file(name)
         .map_err(io_err("create", &layer.partial))?;
-    cleanup.file(&layer.partial);
+    cleanup.file(&dir.folder, name);
     file.set_len(layer.file_size)
         .map_err(io_err("size", &layer.partial))?;
     Ok(file)
 }
 
-/// Removes a leftover partial file (a regular file only).
-fn remove_leftover(partial: &Path) -> Result<(), PlanError> {
-    match std::fs::symlink_metadata(partial) {
-        Ok(m) if m.is_file() => {
-            std::fs::remove_file(partial).map_err(io_err("remove the leftover", partial))
-        }
+/// Removes a leftover partial file (a regular file only; the name is reserved by this move).
+fn remove_leftover(dir: &ChainFolder, partial: &Path) -> Result<(), PlanError> {
+    let name = name_of(partial)?;
+    match dir.folder.entry(name) {
+        Ok(Entry::File(_)) => dir
+            .folder
+            .remove_file(name)
+            .map_err(io_err("remove the leftover", partial)),
+        Ok(Entry::Missing) => Ok(()),
         Ok(_) => Err(PlanError::Path(StoragePathError::NotAFile {
             path: partial.to_path_buf(),
         })),
-        Err(_) => Ok(()),
+        Err(e) => Err(io_err("inspect", partial)(e)),
     }
 }
 
-/// Completes a copied parent: rewrites its backing reference if the plan says so, makes it
-/// durable, and renames it into place (registered with `cleanup`).
-pub fn finish_parent(layer: &DestLayer, cleanup: &mut Cleanup) -> Result<(), PlanError> {
+/// Completes a copied parent (still open as `file`): checks that it is what the source
+/// announced (its header names the announced backing file and format; a raw layer holds no
+/// qcow2 header), rewrites its backing reference if the plan says so, makes it durable, and
+/// renames it into place (registered with `cleanup`).
+pub fn finish_parent(
+    dir: &ChainFolder,
+    layer: &DestLayer,
+    file: &File,
+    cleanup: &mut Cleanup,
+) -> Result<(), PlanError> {
+    check_announced(layer, file)?;
     if let (Some(_), Some(name)) = (&layer.source_backing_name, &layer.backing_name) {
-        rewrite_backing(&layer.partial, name.as_os_str().as_bytes())?;
+        rewrite_backing_of(file, &layer.partial, name.as_os_str().as_bytes())?;
     }
-    File::open(&layer.partial)
-        .and_then(|f| f.sync_all())
-        .map_err(io_err("flush", &layer.partial))?;
-    commit_file(&layer.partial, &layer.path, cleanup)
+    file.sync_all().map_err(io_err("flush", &layer.partial))?;
+    commit_file(dir, &layer.partial, &layer.path, cleanup)
 }
 
-/// Renames `partial` to `path` (which must not exist) and makes the rename durable,
-/// registered with `cleanup`. The file may stay open and be written further (the active layer
-/// is renamed before the mirror's final pass, which flushes its data).
-pub fn commit_file(partial: &Path, path: &Path, cleanup: &mut Cleanup) -> Result<(), PlanError> {
-    if std::fs::symlink_metadata(path).is_ok() {
-        return Err(PlanError::Path(StoragePathError::Exists {
-            path: path.to_path_buf(),
-        }));
+/// Checks a copied parent's header against the announcement (see [`finish_parent`]).
+fn check_announced(layer: &DestLayer, file: &File) -> Result<(), PlanError> {
+    let refuse = |what| PlanError::NotAnnounced {
+        path: layer.path.clone(),
+        layer: layer.layer,
+        what,
+    };
+    let header = crate::disk::read_layer_header(file, &layer.partial)
+        .map_err(|_| refuse("its header cannot be used"))?;
+    let announced = layer
+        .source_backing_name
+        .as_ref()
+        .or(layer.backing_name.as_ref());
+    match layer.format {
+        DiskFormat::Raw if header.qcow2 => Err(refuse(
+            "it was announced as a raw image but holds a qcow2 header",
+        )),
+        DiskFormat::Raw => Ok(()),
+        DiskFormat::Qcow2 if !header.qcow2 => {
+            Err(refuse("it was announced as a qcow2 image but is not one"))
+        }
+        DiskFormat::Qcow2 => {
+            if header.backing_name.as_ref() != announced {
+                return Err(refuse(
+                    "its header names another backing file than the one announced",
+                ));
+            }
+            let format_ok = matches!(
+                (header.backing_format.as_deref(), layer.backing_format),
+                (None, _)
+                    | (Some("qcow2"), Some(DiskFormat::Qcow2))
+                    | (Some("raw" | "file"), Some(DiskFormat::Raw))
+            );
+            if !format_ok {
+                return Err(refuse(
+                    "its header names another backing format than the one announced",
+                ));
+            }
+            Ok(())
+        }
     }
-    std::fs::rename(partial, path).map_err(io_err("rename into place", partial))?;
-    cleanup.file(path);
-    if let Some(dir) = path.parent() {
-        let _ = File::open(dir).and_then(|d| d.sync_all());
+}
+
+/// Renames `partial` to `path` (both in `dir`; `path` must not exist, and is never
+/// replaced) and makes the rename durable, registered with `cleanup`. The file may stay open
+/// and be written further (the active layer is renamed before the mirror's final pass, which
+/// flushes its data).
+pub fn commit_file(
+    dir: &ChainFolder,
+    partial: &Path,
+    path: &Path,
+    cleanup: &mut Cleanup,
+) -> Result<(), PlanError> {
+    let name = name_of(path)?;
+    match dir.folder.rename_new(name_of(partial)?, name) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+            return Err(PlanError::Path(StoragePathError::Exists {
+                path: path.to_path_buf(),
+            }));
+        }
+        Err(e) => return Err(io_err("rename into place", partial)(e)),
     }
+    cleanup.file(&dir.folder, name);
+    let _ = dir.folder.sync();
     Ok(())
 }
 
-/// Creates the active layer as `layer.partial` (raw, or qcow2 on the destination parents
-/// with the planned backing reference), registered with `cleanup`, and opens it for writing.
-pub fn create_active(layer: &DestLayer, cleanup: &mut Cleanup) -> Result<Disk, PlanError> {
-    remove_leftover(&layer.partial)?;
+/// Creates the active layer as `layer.partial` in `dir` (raw, or qcow2 on the destination
+/// parents with the planned backing reference), owner-only, registered with `cleanup`, checks
+/// that its whole chain opened beneath the roots is the planned one ([`verify_chain`]), and
+/// opens it for writing beneath the roots.
+pub fn create_active(
+    dir: &ChainFolder,
+    plan: &DestinationPlan,
+    cleanup: &mut Cleanup,
+) -> Result<Disk, PlanError> {
+    let layer = plan.active().ok_or(PlanError::EmptyChain)?;
+    let name = name_of(&layer.partial)?;
+    remove_leftover(dir, &layer.partial)?;
     let image_err = |source| PlanError::Image {
         path: layer.partial.clone(),
         source,
     };
-    let result = match (layer.format, &layer.backing_name, layer.backing_format) {
-        (DiskFormat::Raw, _, _) => create_raw(&layer.partial, layer.virtual_size),
-        (DiskFormat::Qcow2, Some(name), Some(format)) => create_qcow2(
+    let file = dir.folder.create_file(name).map_err(|source| {
+        image_err(DiskError::Create {
+            path: layer.partial.clone(),
+            source,
+        })
+    })?;
+    cleanup.file(&dir.folder, name);
+    match (layer.format, &layer.backing_name, layer.backing_format) {
+        (DiskFormat::Raw, _, _) => format_raw(&file, &layer.partial, layer.virtual_size),
+        (DiskFormat::Qcow2, Some(backing), Some(format)) => format_qcow2(
+            file,
             &layer.partial,
-            Some(layer.virtual_size),
+            layer.virtual_size,
             Some(&DiskSpec {
-                path: name.clone(),
+                path: backing.clone(),
                 format,
             }),
         ),
-        (DiskFormat::Qcow2, _, _) => create_qcow2(&layer.partial, Some(layer.virtual_size), None),
-    };
-    match result {
-        Ok(()) => cleanup.file(&layer.partial),
-        // create_* removes a half-made file itself; an existing file is not ours.
-        Err(e) => return Err(image_err(e)),
+        (DiskFormat::Qcow2, _, _) => format_qcow2(file, &layer.partial, layer.virtual_size, None),
     }
-    open_layer(&layer.partial, layer.format)
+    .map_err(image_err)?;
+    verify_chain(dir, plan, &layer.partial)?;
+    open_layer(&dir.roots, &layer.partial, layer.format)
 }
 
-/// Opens a destination active layer for writing.
-pub fn open_layer(path: &Path, format: DiskFormat) -> Result<Disk, PlanError> {
-    Disk::open(
+/// Checks that the chain of the active layer at `active` (its partial or final name), every
+/// file opened beneath the roots, is exactly the plan's: the same files (by device and
+/// inode, as found in the chain's folder), in order, in the planned formats. A backing
+/// reference that leads anywhere else — outside the roots, or to another file inside them —
+/// is refused.
+pub fn verify_chain(
+    dir: &ChainFolder,
+    plan: &DestinationPlan,
+    active: &Path,
+) -> Result<(), PlanError> {
+    let active_layer = plan.active().ok_or(PlanError::EmptyChain)?;
+    let mismatch = |what: String| PlanError::ChainMismatch {
+        path: active_layer.path.clone(),
+        what,
+    };
+    let chain = crate::disk::chain_in(
+        &DiskSpec {
+            path: active.to_path_buf(),
+            format: active_layer.format,
+        },
+        &dir.roots,
+    )
+    .map_err(|source| PlanError::Image {
+        path: active_layer.path.clone(),
+        source,
+    })?;
+    if chain.layers.len() != plan.layers.len() {
+        return Err(mismatch(format!(
+            "{} layers found, {} placed",
+            chain.layers.len(),
+            plan.layers.len()
+        )));
+    }
+    // The chain is top first, the plan base first.
+    for (found, placed) in chain.layers.iter().rev().zip(&plan.layers) {
+        let is_active = std::ptr::eq(placed, active_layer);
+        let name = if is_active {
+            name_of(active)?
+        } else {
+            name_of(&placed.path)?
+        };
+        let id = match dir.folder.entry(name) {
+            Ok(Entry::File(id)) => id,
+            _ => return Err(mismatch(format!("layer {} is missing", placed.layer))),
+        };
+        if found.id != id {
+            return Err(mismatch(format!(
+                "layer {} is another file than the one placed",
+                placed.layer
+            )));
+        }
+        if found.format != placed.format {
+            return Err(mismatch(format!(
+                "layer {} is read as another format than announced",
+                placed.layer
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Opens a destination active layer for writing, beneath `roots`.
+pub fn open_layer(
+    roots: &StorageRoots,
+    path: &Path,
+    format: DiskFormat,
+) -> Result<Disk, PlanError> {
+    Disk::open_in(
         &DiskSpec {
             path: path.to_path_buf(),
             format,
         },
         true,
+        roots,
     )
     .map_err(|source| PlanError::Image {
         path: path.to_path_buf(),
@@ -889,6 +1148,12 @@ mod tests {
         let e = plan_destination(&p, &dst.join("top.qcow2"), &roots, 0).unwrap_err();
         assert!(matches!(e, PlanError::Conflict { layer: 0, .. }), "{e}");
         assert!(e.to_string().contains("is not identical to layer 0"), "{e}");
+        // Nothing of the destination's file is told: no checksum, of either file.
+        let theirs = crate::disk::file_checksum(&dst.join("base.raw")).unwrap();
+        for digest in [theirs, p.layers[0].checksum.unwrap()] {
+            assert!(!e.to_string().contains(&digest.to_string()), "{e}");
+            assert!(!e.to_string().contains(&digest.to_string()[..8]), "{e}");
+        }
 
         // Identical bytes under the same name: reused.
         std::fs::copy(dir.path().join("src/base.raw"), dst.join("base.raw")).unwrap();
@@ -962,15 +1227,24 @@ mod tests {
         assert_eq!(d.folders, vec![dst.join("a"), dst.join("a/b")]);
         {
             let mut cleanup = Cleanup::new();
-            cleanup.create_folders(&d.folders).unwrap();
+            let chain_dir = ChainFolder::prepare(&roots, &d, &mut cleanup).unwrap();
             // A partial file left by a crashed attempt is replaced.
             std::fs::write(&d.layers[0].partial, b"old partial").unwrap();
-            let f = begin_file(&d.layers[0], &mut cleanup).unwrap();
+            let f = begin_file(&chain_dir, &d.layers[0], &mut cleanup).unwrap();
             assert_eq!(f.metadata().unwrap().len(), 1 << 20);
+            finish_parent(&chain_dir, &d.layers[0], &f, &mut cleanup).unwrap();
             drop(f);
-            finish_parent(&d.layers[0], &mut cleanup).unwrap();
             assert!(d.layers[0].path.exists());
-            let disk = create_active(&d.layers[2], &mut cleanup);
+            // A second preparation of the same files (another move) is refused meanwhile.
+            let mut other = Cleanup::new();
+            let e = ChainFolder::prepare(&roots, &d, &mut other).unwrap_err();
+            assert!(matches!(e, PlanError::Reserved(_)), "{e}");
+            drop(other);
+            assert!(
+                d.layers[0].path.exists(),
+                "the refused move removed nothing"
+            );
+            let disk = create_active(&chain_dir, &d, &mut cleanup);
             // mid is not there yet: the active layer cannot open its chain.
             assert!(disk.is_err());
             // Dropped while armed: everything created goes, the folders too.
@@ -980,14 +1254,20 @@ mod tests {
 
         // Disarmed: kept.
         let mut cleanup = Cleanup::new();
-        cleanup.create_folders(&d.folders).unwrap();
-        let f = begin_file(&d.layers[0], &mut cleanup).unwrap();
+        let chain_dir = ChainFolder::prepare(&roots, &d, &mut cleanup).unwrap();
+        let f = begin_file(&chain_dir, &d.layers[0], &mut cleanup).unwrap();
+        finish_parent(&chain_dir, &d.layers[0], &f, &mut cleanup).unwrap();
         drop(f);
-        finish_parent(&d.layers[0], &mut cleanup).unwrap();
         cleanup.disarm();
         drop(cleanup);
         assert!(d.layers[0].path.exists());
         assert!(!d.layers[0].partial.exists());
+        // Owner-only, whatever the umask (tests/storage_modes.rs varies it).
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dst.join("a")), 0o700);
+        assert_eq!(mode(&dst.join("a/b")), 0o700);
+        assert_eq!(mode(&d.layers[0].path), 0o600);
     }
 
     #[test]

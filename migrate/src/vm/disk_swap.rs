@@ -112,7 +112,8 @@ impl Vm {
                 continue;
             }
             let reopened = loop {
-                match Disk::open(old.spec(), true) {
+                // Beneath the same storage roots as before, if any.
+                match old.reopen(true) {
                     Err(DiskError::InUse { .. }) if Instant::now() < deadline => {
                         std::thread::sleep(Duration::from_millis(10));
                     }

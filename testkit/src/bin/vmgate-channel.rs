@@ -9,7 +9,13 @@
 //! vmgate-channel connect --to 127.0.0.12:6600 --spn SPN --ccache /tmp/alice.cc [--forward]
 //!                        [--send TEXT]
 //! vmgate-channel mitm    --listen 127.0.0.19:6600 --to 127.0.0.12:6600 --spn SPN
+//! KRB5CCNAME=FILE:/tmp/alice.cc \
+//! vmgate-channel unbound --to 127.0.0.12:6600 --spn SPN [--purpose control|migration]
 //! ```
+//!
+//! `unbound` plays a relayed authentication: it runs TLS, then sends an AP-REQ made without
+//! channel bindings (as one captured from, or relayed out of, another protocol is), straight
+//! from GSSAPI; a vmgate host must refuse it.
 //!
 //! Every event is one JSON line on stdout (`listening`, `accepted`, `refused`, `relayed`,
 //! `relay-failed`, `connected`, `error`, ...); errors carry the Windows code, its name and text,
@@ -62,6 +68,10 @@ enum PurposeArg {
     Migration,
 }
 
+#[allow(
+    clippy::large_enum_variant,
+    reason = "the command line, parsed once at start"
+)]
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Accept connections as a host.
@@ -109,6 +119,22 @@ enum Cmd {
         /// Name of this side in messages.
         #[arg(long)]
         local_host: Option<String>,
+    },
+    /// An initiator without channel bindings (the user of KRB5CCNAME): what a relayed AP-REQ
+    /// looks like to the server.
+    Unbound {
+        /// Where to connect.
+        #[arg(long)]
+        to: SocketAddr,
+        /// The target's SPN.
+        #[arg(long)]
+        spn: Spn,
+        /// The realm.
+        #[arg(long, env = "VMGATE_REALM")]
+        realm: String,
+        /// What for.
+        #[arg(long, value_enum, default_value = "control")]
+        purpose: PurposeArg,
     },
     /// A man in the middle: terminates TLS on both sides and relays the handshake messages.
     Mitm {
@@ -170,6 +196,12 @@ fn main() -> ExitCode {
         Cmd::Serve { .. } => serve(cli.cmd),
         Cmd::Connect { .. } => connect(cli.cmd),
         Cmd::Mitm { listen, to, spn } => mitm(listen, to, &spn),
+        Cmd::Unbound {
+            to,
+            spn,
+            realm,
+            purpose,
+        } => unbound(to, &spn, &realm, purpose),
     }
 }
 
@@ -465,6 +497,98 @@ fn connect(cmd: Cmd) -> ExitCode {
     }
     emit(event);
     ExitCode::SUCCESS
+}
+
+/// TLS, then an AP-REQ without channel bindings from the default credential cache, then the
+/// request; prints `connected` or the server's refusal like `connect` does.
+fn unbound(to: SocketAddr, spn: &Spn, realm: &str, purpose: PurposeArg) -> ExitCode {
+    use libgssapi::context::{ClientCtx, CtxFlags};
+    use libgssapi::credential::{Cred, CredUsage};
+    use libgssapi::name::Name;
+    use libgssapi::oid::{GSS_MECH_KRB5, GSS_NT_KRB5_PRINCIPAL, OidSet};
+
+    let peer = to.to_string();
+    let refused = |diagnosis: Diagnosis| {
+        emit(error_json(
+            "error",
+            &ChannelError::Refused {
+                peer: peer.clone(),
+                diagnosis,
+            },
+        ));
+        ExitCode::from(2)
+    };
+    let Ok(tls) = TlsContext::ephemeral() else {
+        return fail("no TLS context");
+    };
+    let deadline = Some(Instant::now() + Duration::from_secs(10));
+    let session = TcpStream::connect(to)
+        .map_err(|e| e.to_string())
+        .and_then(|s| {
+            TlsSession::connect(&tls, s, spn.host(), deadline).map_err(|e| e.to_string())
+        });
+    let mut session = match session {
+        Ok(s) => s,
+        Err(e) => return fail(format!("TLS to {to}: {e}")),
+    };
+    let mut mechs = OidSet::new();
+    let cred = mechs
+        .add(GSS_MECH_KRB5)
+        .and_then(|()| Cred::acquire(None, None, CredUsage::Initiate, Some(&mechs)));
+    let cred = match cred {
+        Ok(c) => c,
+        Err(e) => return fail(format!("no credential in KRB5CCNAME: {e}")),
+    };
+    let target = spn.principal(realm);
+    let name = match Name::new(target.as_bytes(), Some(GSS_NT_KRB5_PRINCIPAL)) {
+        Ok(n) => n,
+        Err(e) => return fail(e),
+    };
+    let mut ctx = ClientCtx::new(
+        Some(cred),
+        name,
+        CtxFlags::GSS_C_MUTUAL_FLAG | CtxFlags::GSS_C_INTEG_FLAG | CtxFlags::GSS_C_CONF_FLAG,
+        Some(GSS_MECH_KRB5),
+    );
+    // No channel bindings: the point of this probe.
+    let token = match ctx.step(None, None) {
+        Ok(Some(t)) => t.to_vec(),
+        Ok(None) => return fail("GSSAPI gave no token"),
+        Err(e) => return fail(format!("getting a ticket for {target}: {e}")),
+    };
+    let send = |s: &mut TlsSession, m: &Message| s.send(&vmgate_auth::channel::wire::encode(m));
+    if send(&mut session, &Message::GssToken(token)).is_err() {
+        return fail("the server closed the connection");
+    }
+    match read_frame(&mut session) {
+        Some(Message::GssToken(reply)) => {
+            if let Err(e) = ctx.step(Some(&reply), None) {
+                return fail(format!("the server's reply did not verify: {e}"));
+            }
+        }
+        Some(Message::Refused(d)) => return refused(d),
+        other => return fail(format!("unexpected answer: {other:?}")),
+    }
+    let request = Message::Request {
+        version: vmgate_auth::channel::wire::VERSION,
+        purpose: match purpose {
+            PurposeArg::Control => Purpose::Control,
+            PurposeArg::Migration => Purpose::Migration,
+        },
+        route: Route::OwnTicket,
+        via: String::new(),
+    };
+    if send(&mut session, &request).is_err() {
+        return fail("the server closed the connection");
+    }
+    match read_frame(&mut session) {
+        Some(Message::Accepted { principal }) => {
+            emit(json!({"event": "connected", "accepted_as": principal, "bound": false}));
+            ExitCode::SUCCESS
+        }
+        Some(Message::Refused(d)) => refused(d),
+        other => fail(format!("unexpected answer: {other:?}")),
+    }
 }
 
 /// Terminates TLS towards the client and towards the server and relays the handshake

@@ -260,6 +260,7 @@ fn receive(cmd: Cmd) -> ExitCode {
             console_log: console_dir
                 .as_ref()
                 .map(|d| d.join(format!("{}.console", c.name))),
+            ..VmOptions::default()
         }),
         on_event: Box::new(|e| emit(event_json(&e))),
         fault: test_fault.map(|f| {
@@ -447,6 +448,7 @@ fn send(cmd: Cmd) -> ExitCode {
         config,
         &VmOptions {
             console_log: console,
+            ..VmOptions::default()
         },
     ) {
         Ok(vm) => vm,

@@ -303,6 +303,7 @@ fn main() -> ExitCode {
                 cfg,
                 &VmOptions {
                     console_log: run.console.clone(),
+                    ..VmOptions::default()
                 },
             ) {
                 Ok(vm) => vm,
@@ -327,6 +328,7 @@ fn main() -> ExitCode {
             };
             let (vm, stats) = match image.restore(&VmOptions {
                 console_log: run.console.clone(),
+                ..VmOptions::default()
             }) {
                 Ok(x) => x,
                 Err(e) => {

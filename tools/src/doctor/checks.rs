@@ -92,13 +92,15 @@ pub(super) fn standard() -> Vec<Check> {
 
 fn kdc_fix(ctx: &mut Context) -> String {
     let realm = ctx.realm().unwrap_or_else(|| "REALM".into());
-    let file = ctx
-        .kdc_config()
-        .map(|c| c.file.display().to_string())
-        .unwrap_or_else(|_| "krb5.conf".into());
+    let files = vmgate_auth::discover::config_files()
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(":");
     format!(
-        "start the domain controller (samba), or correct the \"kdc =\" line of [realms] {realm} \
-         in {file} (KRB5_CONFIG) or --kdc\ncheck with: kinit -V {}@{realm}",
+        "start the domain controller; check that this host's DNS (/etc/resolv.conf) answers \
+         _kerberos._tcp.{realm} SRV, or name the KDC in {files} ([realms] {realm} kdc = DC) or \
+         with --kdc\ncheck with: kinit -V {}@{realm}",
         ctx.settings.user.as_deref().unwrap_or("USER")
     )
 }
@@ -170,14 +172,24 @@ fn clock_skew(ctx: &mut Context) -> CheckResult {
 fn kdc_reachable(ctx: &mut Context) -> CheckResult {
     let realm = ctx.realm().unwrap_or_else(|| "the realm".into());
     match ctx.kdc() {
-        Ok(t) => CheckResult::pass(format!(
-            "the KDC of {realm} at {} answers ({} ms)",
-            t.address,
-            t.round_trip.as_millis()
-        )),
+        Ok(t) => {
+            let t = t.clone();
+            let found = ctx
+                .kdc_list()
+                .map(|l| format!("; KDCs: {}", l.describe()))
+                .unwrap_or_default();
+            CheckResult::pass(format!(
+                "the KDC of {realm} at {} answers ({} ms){found}",
+                t.address,
+                t.round_trip.as_millis()
+            ))
+        }
         Err(e) => {
             let cause = kdc_cause(e, &realm);
-            let unreachable = matches!(e, KdcError::Unreachable { .. } | KdcError::Resolve { .. });
+            let unreachable = matches!(
+                e,
+                KdcError::Unreachable { .. } | KdcError::Resolve { .. } | KdcError::Locate(_)
+            );
             let summary = error_chain(e);
             let d =
                 Diagnosis::new(WinCode::NoAuthenticatingAuthority, cause).with_fix(kdc_fix(ctx));
@@ -269,10 +281,12 @@ fn resolve_host(ctx: &mut Context, side: Side) -> CheckResult {
                 ),
             )
             .with_fix(format!(
-                "add {short} to /etc/hosts (IP {dns} {short}) or to the domain's DNS \
-                 (samba-tool dns add DC {} {short} A IP)\nor give its address: {flag_name} IP, or \
-                 its vmgated configuration: {config_name} FILE",
-                dns.split_once('.').map_or("ZONE", |(_, z)| z)
+                "add {short} to this host's /etc/hosts (a line: IP {dns} {short}), or give its \
+                 address: {flag_name} IP, or its vmgated configuration: {config_name} FILE\n{}",
+                vmgate_auth::krb::diagnose::on_domain_controller(&format!(
+                    "samba-tool dns add $(hostname -f) {} {short} A IP --use-kerberos=required",
+                    dns.split_once('.').map_or("ZONE", |(_, z)| z)
+                ))
             ));
             CheckResult::fail(format!("{dns} does not resolve"), d)
         }
@@ -282,9 +296,15 @@ fn resolve_host(ctx: &mut Context, side: Side) -> CheckResult {
 // --- directory -------------------------------------------------------------------------------
 
 fn ldap_reachable(ctx: &mut Context) -> CheckResult {
-    let url = ctx.settings.conn.ldap_url.clone().unwrap_or_default();
+    let url = ctx
+        .settings
+        .conn
+        .ldap_url
+        .clone()
+        .unwrap_or_else(|| "the domain controller DNS names".into());
     match ctx.directory() {
         Ok(dir) => {
+            let url = dir.url().to_owned();
             let root = dir.root_dse();
             let kind = if dir.is_samba() {
                 format!(
@@ -374,8 +394,8 @@ fn gather_failure(e: &DelegationError) -> CheckResult {
             ),
         )
         .with_fix(format!(
-            "join {name} to the domain (realm join / net ads join / samba-tool computer create \
-             {name}), or check the name"
+            "on {name}: realm join DOMAIN (or adcli join DOMAIN, or net ads join -k)\nor check \
+             the name: setspn -Q HOST/{name}"
         )),
         other => Diagnosis::new(
             WinCode::NoAuthenticatingAuthority,
@@ -486,31 +506,21 @@ enum KeytabFinding {
     Problem(String, Diagnosis),
 }
 
-fn keytab_fix(samba: bool, path: &Path, principals: &[String], account: &str) -> String {
-    if samba {
-        let mut lines: Vec<String> = principals
-            .iter()
-            .map(|p| {
-                format!(
-                    "samba-tool domain exportkeytab {} --principal={}",
-                    quote(&path.display().to_string()),
-                    quote(p)
-                )
-            })
-            .collect();
-        lines.push(format!(
-            "then restart vmgated so it reads the new keys (Windows DC: ktpass for {account}, \
-             or re-join)"
-        ));
-        lines.join("\n")
+/// `vmgate host keytab refresh` for `host`'s keytab, run on that host: a new password set
+/// the way `adcli update` sets it and the keytab rewritten for the account and all its SPNs;
+/// `--reset` lets it set the password over LDAP when the keytab's key no longer works.
+fn keytab_fix(host: &str, path: &Path, account: &str) -> String {
+    let keytab = if path == Path::new("/etc/krb5.keytab") {
+        String::new()
     } else {
-        format!(
-            "ktpass /out {} /princ {}@REALM /mapuser {account} ... (or re-join the host)\nthen \
-             restart vmgated so it reads the new keys",
-            shell_word(&path.display().to_string()),
-            principals.first().map_or("HOST/NAME", String::as_str)
-        )
-    }
+        format!(" --keytab {}", quote(&path.display().to_string()))
+    };
+    format!(
+        "on {host}: vmgate host keytab refresh{keytab} --account {} --reset   (as root, with a \
+         domain administrator's ticket: kinit Administrator)\nthen restart vmgated on {host} so \
+         it reads the new keys",
+        quote(account)
+    )
 }
 
 fn check_keytab(
@@ -520,7 +530,6 @@ fn check_keytab(
     path: &Path,
     explicit: bool,
 ) -> KeytabFinding {
-    let samba = dir.is_samba();
     let sam = &account.sam_account_name;
     let entries = match keytab::read(path) {
         Ok(e) => e,
@@ -534,7 +543,6 @@ fn check_keytab(
             ));
         }
         Err(e) => {
-            let principal = sam.to_ascii_lowercase();
             return KeytabFinding::Problem(
                 format!("{host}'s keytab: {}", error_chain(&e)),
                 Diagnosis::new(
@@ -545,7 +553,7 @@ fn check_keytab(
                         error_chain(&e)
                     ),
                 )
-                .with_fix(keytab_fix(samba, path, &[principal], sam)),
+                .with_fix(keytab_fix(host, path, sam)),
             );
         }
     };
@@ -575,7 +583,7 @@ fn check_keytab(
                     if found.is_empty() { "nothing" } else { &found }
                 ),
             )
-            .with_fix(keytab_fix(samba, path, &[sam.to_ascii_lowercase()], sam)),
+            .with_fix(keytab_fix(host, path, sam)),
         );
     }
     let directory_kvno = match dir.read(&account.dn, &[KVNO_ATTR]) {
@@ -607,7 +615,6 @@ fn check_keytab(
         ));
     }
     let older = stale.iter().all(|(_, k)| *k < current);
-    let names: Vec<String> = stale.iter().map(|(n, _)| n.clone()).collect();
     let cause = if older {
         format!(
             "the keytab {} holds older keys of {sam} than the directory ({listing}; {sam}'s \
@@ -632,8 +639,7 @@ fn check_keytab(
             "{host}'s keytab {} is stale: {listing}, the directory is at {current}",
             path.display()
         ),
-        Diagnosis::new(WinCode::WrongPrincipal, cause)
-            .with_fix(keytab_fix(samba, path, &names, sam)),
+        Diagnosis::new(WinCode::WrongPrincipal, cause).with_fix(keytab_fix(host, path, sam)),
     )
 }
 
@@ -918,7 +924,10 @@ fn user_account(ctx: &mut Context) -> CheckResult {
                 error_chain(e)
             ),
         )
-        .with_fix("check the name; list users with: samba-tool user list");
+        .with_fix(format!(
+            "check the name: vmgate delegation show {}",
+            shell_word(&name)
+        ));
         return CheckResult::fail(error_chain(e), d);
     }
     let reqs: Vec<&Requirement> = g
@@ -966,20 +975,22 @@ fn user_authorized(ctx: &mut Context) -> CheckResult {
     };
     let samba = dir.is_samba();
     let add_fix = |user: &str| {
-        if samba {
-            format!(
-                "samba-tool group addmembers {} {}\nthen {user} gets a new ticket: kdestroy; kinit {user}",
-                shell_word(&group),
-                shell_word(user)
+        format!(
+            "{}\nthen {user} gets a new ticket: kdestroy; kinit {user}",
+            vmgate_auth::delegation::analysis::admin_fix(
+                samba,
+                &format!(
+                    "samba-tool group addmembers {} {}",
+                    shell_word(&group),
+                    shell_word(user)
+                ),
+                &format!(
+                    "Add-ADGroupMember -Identity {} -Members {}",
+                    shell_word(&group),
+                    shell_word(user)
+                ),
             )
-        } else {
-            format!(
-                "Add-ADGroupMember -Identity {} -Members {}\nthen {user} gets a new ticket: \
-                 klist purge (kdestroy; kinit {user})",
-                shell_word(&group),
-                shell_word(user)
-            )
-        }
+        )
     };
     let entry = match dir.find_group(&group) {
         Ok(e) => e,
@@ -1002,19 +1013,18 @@ fn user_authorized(ctx: &mut Context) -> CheckResult {
                  exist in the directory: {d_host} refuses every user with E_ACCESSDENIED"
             ),
         )
-        .with_fix(if samba {
-            format!(
-                "samba-tool group add {}\n{}",
-                shell_word(&group),
-                add_fix(&user.sam_account_name)
-            )
-        } else {
-            format!(
-                "New-ADGroup -Name {} -GroupScope Global\n{}",
-                shell_word(&group),
-                add_fix(&user.sam_account_name)
-            )
-        });
+        .with_fix(format!(
+            "{}\n{}",
+            vmgate_auth::delegation::analysis::admin_fix(
+                samba,
+                &format!("samba-tool group add {}", shell_word(&group)),
+                &format!(
+                    "New-ADGroup -Name {} -GroupScope Global",
+                    shell_word(&group)
+                ),
+            ),
+            add_fix(&user.sam_account_name)
+        ));
         return CheckResult::fail(format!("the group \"{group}\" does not exist"), d);
     };
     match dir.is_member_of(&user.dn, &entry.dn) {

@@ -16,9 +16,10 @@ use vmgate_control::api::host::{HostInfo, VersionInfo};
 use vmgate_control::api::moves::MoveSpec;
 use vmgate_control::api::{CcacheBlob, ErrorReply, Request, Response};
 use vmgate_control::error::chain;
+use vmgate_control::gateway::GatewayError;
 
 use super::{Check, CheckResult, Context, Status};
-use crate::control::{self, ControlError, Session, Transport};
+use crate::control::{self, ControlError, HostTarget, Session, Transport};
 
 /// Why a daemon could not be asked.
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +98,52 @@ fn destination(ctx: &mut Context) -> Asked<HostInfo> {
     asked
 }
 
+/// D as the move reaches it: its addresses as `resolve-destination` found them, its DNS name
+/// (its configuration's `fqdn`, else the resolved name) and so its migration SPN, the realm.
+fn gateway_target(ctx: &mut Context) -> HostTarget {
+    let to = ctx.settings().to.clone();
+    let realm = ctx.realm();
+    let fqdn = ctx
+        .settings()
+        .to_config
+        .as_ref()
+        .and_then(|c| c.fqdn.clone())
+        .unwrap_or_else(|| super::hosts::dns_name(&to, realm.as_deref()));
+    HostTarget {
+        name: to.split('.').next().unwrap_or(&to).to_ascii_lowercase(),
+        fqdn,
+        realm,
+        socket: None,
+        addresses: ctx.target_addresses().to_vec(),
+    }
+}
+
+/// Authenticates to D's gateway as the user, the way the move does: TLS, then Kerberos with the
+/// user's ticket for D's migration SPN (which D decrypts with the key in its keytab), bound to
+/// the TLS session, then D's authorization; then asks for D's settings over that channel.
+fn through_gateway(ctx: &mut Context) -> Result<(HostInfo, HostTarget), AskError> {
+    let target = gateway_target(ctx);
+    let mut s = control::open(
+        &target,
+        Transport::Remote,
+        ctx.settings().user_ccache.as_deref(),
+        false,
+    )?;
+    match s.call(&Request::HostShow)? {
+        Response::Host(h) => Ok((*h, target)),
+        Response::Error(e) => Err(AskError::Refused(Box::new(e))),
+        other => Err(AskError::Unexpected(format!("{other:?}"))),
+    }
+}
+
+/// The principal in the user's credential cache, if it can be read.
+fn ticket_owner(ctx: &Context) -> Option<String> {
+    let cc = control::caller_ccache(ctx.settings().user_ccache.as_deref());
+    vmgate_auth::krb::UserCredential::from_ccache(&cc)
+        .ok()
+        .and_then(|c| c.user().map(ToString::to_string))
+}
+
 fn reachable(ctx: &mut Context) -> CheckResult {
     let to = ctx.settings().to.clone();
     let addrs: Vec<SocketAddr> = ctx.target_addresses().to_vec();
@@ -124,22 +171,64 @@ fn reachable(ctx: &mut Context) -> CheckResult {
             )),
         );
     }
-    match destination(ctx) {
-        Ok(h) => CheckResult::pass(format!(
-            "{} answers on {} (vmgate {}, protocol {})",
-            h.config.host_name,
-            answering
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(", "),
-            h.version.daemon,
-            h.version.protocol
-        )),
-        Err(e) => CheckResult::warn(format!(
-            "{to}'s gateway answers, but its settings could not be read: {}",
-            chain(&*e)
-        )),
+    let answering = answering
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    let owner = ticket_owner(ctx);
+    let Some(user) = owner else {
+        // No ticket to prove anything with: say so, and read D's settings as before.
+        return match destination(ctx) {
+            Ok(h) => CheckResult::warn(format!(
+                "{} answers on {answering} (vmgate {}), but no Kerberos ticket to authenticate \
+                 to it with: kinit the user (or --user-ccache) to check its gateway accepts them",
+                h.config.host_name, h.version.daemon
+            )),
+            Err(e) => CheckResult::warn(format!(
+                "{to}'s gateway answers, but there is no Kerberos ticket to authenticate to it \
+                 with, and its settings could not be read: {}",
+                chain(&*e)
+            )),
+        };
+    };
+    match through_gateway(ctx) {
+        Ok((h, target)) => {
+            let spn = target
+                .spn()
+                .map(|s| s.to_string())
+                .unwrap_or_else(|_| target.fqdn.clone());
+            let line = format!(
+                "{} answers on {answering} (vmgate {}, protocol {}) and accepted {user} through \
+                 its gateway (Kerberos to \"{spn}\", bound to TLS, then authorization)",
+                h.config.host_name, h.version.daemon, h.version.protocol
+            );
+            ctx.daemon_d = Some(Ok(h));
+            CheckResult::pass(line)
+        }
+        Err(AskError::Control(ControlError::Gateway(GatewayError::Denied(d)))) => {
+            CheckResult::fail(
+                format!(
+                    "{to}'s gateway refused {user}: {} ({})",
+                    d.code.hex(),
+                    d.code.name()
+                ),
+                d,
+            )
+        }
+        Err(e) => {
+            let why = crate::output::error_chain(&e);
+            match destination(ctx) {
+                Ok(h) => CheckResult::warn(format!(
+                    "{} answers on {answering} (vmgate {}), but authenticating to its gateway \
+                     failed: {why}",
+                    h.config.host_name, h.version.daemon
+                )),
+                Err(_) => CheckResult::warn(format!(
+                    "{to}'s gateway answers on {answering}, but authenticating to it failed: {why}"
+                )),
+            }
+        }
     }
 }
 
@@ -196,16 +285,46 @@ fn source_allowed(ctx: &mut Context) -> CheckResult {
             Diagnosis::new(
                 WinCode::AccessDenied,
                 format!(
-                    "{h} does not accept moves from {}: that address is not on its migration networks ({filter})",
+                    "{h} does not accept moves from {}: that address is not on its migration networks ({filter}); the fix keeps them and adds {}",
+                    s.ip(),
                     s.ip()
                 ),
             )
-            .with_fix(format!(
-                "vmgate --host {h} host set --network {}/32:1\nor allow the whole subnet S moves over, or any network: vmgate --host {h} host set --any-network true",
-                s.ip()
-            )),
+            .with_fix(add_network_fix(h, &d.config.migration.networks, s.ip())),
         )
     }
+}
+
+/// The command that adds `ip` to `host`'s migration networks: `host set --network` replaces the
+/// list, so the fix names every network `host` has now (with its priority) and then the new
+/// one, after the others.
+fn add_network_fix(
+    host: &str,
+    networks: &[vmgate_control::config::MigrationNetwork],
+    ip: std::net::IpAddr,
+) -> String {
+    let network = |subnet: String, priority: u32| {
+        if subnet.contains(':') {
+            format!(" --network [{subnet}]:{priority}")
+        } else {
+            format!(" --network {subnet}:{priority}")
+        }
+    };
+    let mut args: String = networks
+        .iter()
+        .map(|n| network(n.subnet.to_string(), n.priority))
+        .collect();
+    let next = networks
+        .iter()
+        .map(|n| n.priority.saturating_add(1))
+        .max()
+        .unwrap_or(0);
+    let single = if ip.is_ipv4() { 32 } else { 128 };
+    args.push_str(&network(format!("{ip}/{single}"), next));
+    format!(
+        "vmgate --host {host} host set{args}\nor allow the whole subnet S moves over, or any \
+         network: vmgate --host {host} host set --any-network true"
+    )
 }
 
 fn versions(ctx: &mut Context) -> CheckResult {
@@ -337,5 +456,35 @@ fn vm_compatible(ctx: &mut Context) -> CheckResult {
         ),
         Ok(other) => CheckResult::warn(format!("unexpected answer {other:?}")),
         Err(e) => CheckResult::skip(format!("{from}'s daemon cannot be asked: {}", chain(&e))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmgate_control::config::MigrationNetwork;
+
+    #[test]
+    fn the_network_fix_adds_to_the_list_instead_of_replacing_it() {
+        let nets = vec![
+            MigrationNetwork::parse("10.99.0.0/16:0").unwrap(),
+            MigrationNetwork::parse("[fd00:20::/64]:3").unwrap(),
+        ];
+        let fix = add_network_fix("hv2", &nets, "127.0.0.11".parse().unwrap());
+        assert!(
+            fix.starts_with(
+                "vmgate --host hv2 host set --network 10.99.0.0/16:0 --network [fd00:20::/64]:3 \
+                 --network 127.0.0.11/32:4\n"
+            ),
+            "{fix}"
+        );
+        // Every network written parses back as the daemon parses --network.
+        let words: Vec<&str> = fix.lines().next().unwrap().split_whitespace().collect();
+        for w in words.windows(2).filter(|w| w[0] == "--network") {
+            MigrationNetwork::parse(w[1]).unwrap();
+        }
+        assert!(
+            add_network_fix("hv2", &[], "::1".parse().unwrap()).contains("--network [::1/128]:0")
+        );
     }
 }

@@ -6,21 +6,20 @@
 //! tickets fail with KRB_AP_ERR_SKEW (0x80090324). The request names the source host's account
 //! and asks for no ticket anyone can use: no key is involved on either side.
 //!
-//! Where the KDC is comes from `krb5.conf` (`KRB5_CONFIG`, else `/etc/krb5.conf`): the realm's
-//! `kdc =` lines, as MIT's library reads them. The DER here is the few shapes this exchange needs;
-//! the reader is bounded and never panics on what the network sends.
+//! Where the KDC is comes from where libkrb5 finds it ([`vmgate_auth::discover::kdcs`]): the
+//! realm's `kdc =` lines of krb5.conf (`KRB5_CONFIG`, includes), else DNS SRV records
+//! (`_kerberos._tcp.REALM`) when `dns_lookup_kdc` is on, as on a joined host whose krb5.conf
+//! has only `default_realm`. The DER here is the few shapes this exchange needs; the reader is
+//! bounded and never panics on what the network sends.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
-use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// The Kerberos port.
 pub const KDC_PORT: u16 = 88;
 /// The largest reply read (a KRB-ERROR is a few hundred bytes; an AS-REP a few KiB).
 pub const MAX_REPLY: usize = 64 * 1024;
-/// The largest krb5.conf read.
-const MAX_KRB5_CONF: u64 = 1024 * 1024;
 /// Connect and read limits.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
@@ -28,23 +27,9 @@ const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Errors of the KDC probe.
 #[derive(Debug, thiserror::Error)]
 pub enum KdcError {
-    /// The krb5.conf cannot be read.
-    #[error("cannot read {}", path.display())]
-    Config {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// krb5.conf names no KDC for the realm.
-    #[error("{} names no KDC for the realm {realm} (no \"kdc =\" line in [realms] {realm})", path.display())]
-    NoKdc {
-        /// The file.
-        path: PathBuf,
-        /// The realm.
-        realm: String,
-    },
+    /// The KDCs could not be found (krb5.conf, DNS), or the configuration not read.
+    #[error(transparent)]
+    Locate(#[from] vmgate_auth::discover::DiscoverError),
     /// No realm to ask about.
     #[error("no realm: krb5.conf has no default_realm and none was given (--realm)")]
     NoRealm,
@@ -76,143 +61,19 @@ pub enum KdcError {
     },
 }
 
-/// Where the KDCs of a realm are, from krb5.conf.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct KdcConfig {
-    /// The file read (the first of `KRB5_CONFIG` that exists, or /etc/krb5.conf).
-    pub file: PathBuf,
-    /// `default_realm` of `[libdefaults]`.
-    pub default_realm: Option<String>,
-    /// The `kdc =` values of each realm, in order.
-    pub realms: Vec<(String, Vec<String>)>,
-}
-
-impl KdcConfig {
-    /// The krb5.conf MIT would read: the first existing file of `KRB5_CONFIG` (colon-separated),
-    /// else /etc/krb5.conf.
-    pub fn load() -> Result<KdcConfig, KdcError> {
-        let files: Vec<PathBuf> = match std::env::var_os("KRB5_CONFIG") {
-            Some(v) if !v.is_empty() => std::env::split_paths(&v).collect(),
-            _ => vec![PathBuf::from("/etc/krb5.conf")],
-        };
-        let file = files
-            .iter()
-            .find(|f| f.exists())
-            .or(files.first())
-            .cloned()
-            .unwrap_or_else(|| PathBuf::from("/etc/krb5.conf"));
-        KdcConfig::read(&file)
-    }
-
-    /// Reads `file`.
-    pub fn read(file: &Path) -> Result<KdcConfig, KdcError> {
-        let err = |source| KdcError::Config {
-            path: file.to_owned(),
-            source,
-        };
-        let f = std::fs::File::open(file).map_err(err)?;
-        let mut text = String::new();
-        f.take(MAX_KRB5_CONF)
-            .read_to_string(&mut text)
-            .map_err(err)?;
-        Ok(KdcConfig::parse(file, &text))
-    }
-
-    /// Parses the parts of krb5.conf this probe needs: `[libdefaults] default_realm` and each
-    /// realm's `kdc` values in `[realms]`.
-    pub fn parse(file: &Path, text: &str) -> KdcConfig {
-        let mut section = String::new();
-        let mut realm: Option<String> = None;
-        let mut out = KdcConfig {
-            file: file.to_owned(),
-            default_realm: None,
-            realms: Vec::new(),
-        };
-        for raw in text.lines() {
-            let line = raw.trim();
-            if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
-                continue;
-            }
-            if line.starts_with('[') {
-                section = line
-                    .trim_start_matches('[')
-                    .split(']')
-                    .next()
-                    .unwrap_or_default()
-                    .trim()
-                    .to_ascii_lowercase();
-                realm = None;
-                continue;
-            }
-            if line.starts_with('}') {
-                realm = None;
-                continue;
-            }
-            let Some((key, value)) = line.split_once('=') else {
-                continue;
-            };
-            let (key, value) = (key.trim(), value.trim());
-            match section.as_str() {
-                "libdefaults" if key.eq_ignore_ascii_case("default_realm") => {
-                    out.default_realm = Some(value.to_owned());
-                }
-                "realms" if value.starts_with('{') => {
-                    realm = Some(key.to_owned());
-                    out.realms.push((key.to_owned(), Vec::new()));
-                }
-                "realms" if key.eq_ignore_ascii_case("kdc") => {
-                    if let (Some(r), Some(last)) = (&realm, out.realms.last_mut()) {
-                        if &last.0 == r {
-                            last.1.push(value.to_owned());
-                        }
-                    }
-                }
-                _ => {}
-            }
-        }
-        out
-    }
-
-    /// The `kdc =` values of `realm` (case-sensitive, as MIT compares realms).
-    pub fn kdcs(&self, realm: &str) -> Vec<String> {
-        self.realms
-            .iter()
-            .filter(|(r, _)| r == realm)
-            .flat_map(|(_, k)| k.iter().cloned())
-            .collect()
-    }
-}
-
 /// A `kdc =` value (`host`, `host:port`, `[v6]:port`, `tcp/host`) as socket addresses.
 pub fn kdc_addresses(value: &str) -> Result<Vec<SocketAddr>, KdcError> {
-    let v = value
-        .trim()
-        .trim_start_matches("tcp/")
-        .trim_start_matches("udp/")
-        .trim_start_matches("kkdcp/");
-    let resolve = |host: &str, port: u16| {
-        (host, port)
-            .to_socket_addrs()
-            .map(Iterator::collect)
-            .map_err(|source| KdcError::Resolve {
-                address: value.to_owned(),
-                source,
-            })
-    };
-    if let Ok(a) = v.parse::<SocketAddr>() {
-        return Ok(vec![a]);
+    let (host, port) = vmgate_auth::discover::parse_kdc_value(value);
+    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        return Ok(vec![SocketAddr::new(ip, port)]);
     }
-    if let Some(rest) = v.strip_prefix('[') {
-        let host = rest.split(']').next().unwrap_or_default();
-        return resolve(host, KDC_PORT);
-    }
-    match v.rsplit_once(':') {
-        Some((host, port)) if !host.contains(':') => match port.parse::<u16>() {
-            Ok(p) => resolve(host, p),
-            Err(_) => resolve(v, KDC_PORT),
-        },
-        _ => resolve(v, KDC_PORT),
-    }
+    (host.as_str(), port)
+        .to_socket_addrs()
+        .map(Iterator::collect)
+        .map_err(|source| KdcError::Resolve {
+            address: value.to_owned(),
+            source,
+        })
 }
 
 /// What the KDC said about its clock.
@@ -474,20 +335,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn krb5_conf_kdcs_and_default_realm() {
-        let text = "[libdefaults]\n    default_realm = LAB.EXAMPLE.TEST\n    forwardable = true\n\
-                    [realms]\n    LAB.EXAMPLE.TEST = {\n        kdc = 127.0.0.10:88\n        \
-                    kdc = dc2.lab.example.test\n        admin_server = 127.0.0.10\n    }\n    \
-                    OTHER = {\n kdc = 10.0.0.1\n }\n[domain_realm]\n    .lab.example.test = \
-                    LAB.EXAMPLE.TEST\n";
-        let c = KdcConfig::parse(Path::new("k.conf"), text);
-        assert_eq!(c.default_realm.as_deref(), Some("LAB.EXAMPLE.TEST"));
-        assert_eq!(
-            c.kdcs("LAB.EXAMPLE.TEST"),
-            vec!["127.0.0.10:88", "dc2.lab.example.test"]
-        );
-        assert_eq!(c.kdcs("OTHER"), vec!["10.0.0.1"]);
-        assert!(c.kdcs("NONE").is_empty());
+    fn kdc_values_resolve_to_addresses() {
         assert_eq!(
             kdc_addresses("127.0.0.10").unwrap(),
             vec!["127.0.0.10:88".parse().unwrap()]
@@ -495,6 +343,10 @@ mod tests {
         assert_eq!(
             kdc_addresses("tcp/127.0.0.10:1088").unwrap(),
             vec!["127.0.0.10:1088".parse().unwrap()]
+        );
+        assert_eq!(
+            kdc_addresses("[::1]:750").unwrap(),
+            vec!["[::1]:750".parse().unwrap()]
         );
     }
 

@@ -20,14 +20,14 @@
 //! |---|---|---|
 //! | `clock-skew` | this host's clock against the KDC's (an AS-REQ's KRB-ERROR carries the KDC's time) | 0x80090324 beyond 5 minutes (a warning beyond 1) |
 //! | `resolve-source`, `resolve-destination` | S's and D's addresses: `--from/--to-address`, `--from/--to-config`, `$VMGATE_LAB_DIR/H/vmgated.toml`, or this machine's resolver | 0x80090303 |
-//! | `kdc` | a KDC of the realm answers on port 88 (krb5.conf's `kdc =`, or `--kdc`) | 0x80090311 |
-//! | `ldap` | the directory answers and binds (the [`crate::conn`] flags) | the directory's code |
+//! | `kdc` | a KDC of the realm answers on port 88 (`--kdc`, krb5.conf's `kdc =`, else DNS `_kerberos._tcp.REALM` SRV as libkrb5 finds them) | 0x80090311 |
+//! | `ldap` | the directory answers and binds (the [`crate::conn`] flags; without a URL the DC DNS names for the realm) | the directory's code |
 //! | `spn-fqdn`, `spn-short` | D's migration SPN registered exactly once, on D's account, with Samba's escaped twin | 0x80090303 missing or twin missing, 0x80090322 elsewhere or duplicated |
-//! | `keytab` | S's keytab (`--keytab` or S's config) and D's (`--to-keytab` or D's config) hold the account's current key version (`msDS-KeyVersionNumber`) | 0x80090322 stale, 0x8009030D no key |
+//! | `keytab` | S's keytab (`--keytab` or S's config) and D's (`--to-keytab` or D's config) hold the account's current key version (`msDS-KeyVersionNumber`); the fix is `vmgate host keytab refresh` on that host | 0x80090322 stale, 0x8009030D no key |
 //! | `delegation` | S may act for U towards D for the auth type and the way the move starts (the delegation checker's analysis), confirmed by a live S4U exchange with S's keytab when given | 0x8009030E |
 //! | `user-account` | U is enabled, not locked, not "sensitive and cannot be delegated", not in Protected Users | 0x8009030C, 0x8009030E |
 //! | `user-authorized` | U is a member of D's admin group (`--admin-group`, D's config, or "Hyper-V Administrators") | 0x80070005 |
-//! | `daemon-reachable` | D's vmgated answers on its migration addresses (and its settings can be read: its socket here, or its gateway with the user's ticket) | 0x8007274D |
+//! | `daemon-reachable` | D's vmgated answers on its migration addresses and accepts the user through its gateway as a move would reach it: TLS, Kerberos with the user's ticket (`--user-ccache`, `KRB5CCNAME`) for D's migration SPN, decrypted with D's key and bound to the TLS session, then D's authorization; its settings are read over that channel | 0x8007274D, or the code of the refusal (0x80090322 D's key, 0x80070005 not allowed, ...) |
 //! | `migration-enabled` | D accepts live moves | 0x8007274D |
 //! | `source-allowed` | S's address is on D's migration networks | 0x80070005 |
 //! | `protocol-version` | S's protocol version (its daemon's, else this build's) is one D accepts | 0x80070032 |
@@ -146,7 +146,7 @@ pub struct DoctorArgs {
     /// D's vmgated configuration (addresses, keytab, admin group).
     #[arg(long = "to-config", value_name = "FILE")]
     pub to_config: Option<PathBuf>,
-    /// The KDC to ask, instead of krb5.conf's `kdc =` lines.
+    /// The KDC to ask, instead of krb5.conf's `kdc =` lines or DNS.
     #[arg(long, value_name = "HOST[:PORT]")]
     pub kdc: Option<String>,
     /// The Kerberos realm (default: the configurations', else krb5.conf's default_realm).
@@ -190,9 +190,6 @@ pub enum DoctorError {
         /// The value.
         value: String,
     },
-    /// No directory to ask.
-    #[error("no directory given: pass --ldap-url or set VMGATE_LDAP_URL")]
-    NoDirectory,
 }
 
 /// The doctor's inputs, resolved from the flags and the hosts' configurations.
@@ -281,9 +278,6 @@ impl Settings {
                 .map(|p| (p, false)),
         };
         let conn = args.conn.with_env(|n| std::env::var(n).ok());
-        if conn.ldap_url.is_none() {
-            return Err(DoctorError::NoDirectory);
-        }
         Ok(Settings {
             from: args.from.clone(),
             to: args.to.clone(),
@@ -444,7 +438,8 @@ pub struct Context {
     results: Vec<(&'static str, Status)>,
     source_addresses: Vec<SocketAddr>,
     target_addresses: Vec<SocketAddr>,
-    kdc_config: Option<Result<kdc::KdcConfig, kdc::KdcError>>,
+    default_realm: Option<Option<String>>,
+    kdc_list: Option<vmgate_auth::discover::KdcList>,
     kdc: Option<Result<kdc::KdcTime, kdc::KdcError>>,
     directory: Option<Result<Directory, ConnError>>,
     gathered: Option<Result<Gathered, DelegationError>>,
@@ -459,7 +454,8 @@ impl Context {
             results: Vec::new(),
             source_addresses: Vec::new(),
             target_addresses: Vec::new(),
-            kdc_config: None,
+            default_realm: None,
+            kdc_list: None,
             kdc: None,
             directory: None,
             gathered: None,
@@ -487,11 +483,16 @@ impl Context {
         &self.target_addresses
     }
 
-    /// krb5.conf as MIT reads it (`KRB5_CONFIG`).
-    pub fn kdc_config(&mut self) -> Result<&kdc::KdcConfig, &kdc::KdcError> {
-        self.kdc_config
-            .get_or_insert_with(kdc::KdcConfig::load)
-            .as_ref()
+    /// krb5.conf's `default_realm`, as libkrb5 reads it (asked once).
+    pub fn default_realm(&mut self) -> Option<String> {
+        self.default_realm
+            .get_or_insert_with(|| vmgate_auth::discover::default_realm().ok())
+            .clone()
+    }
+
+    /// Where the KDCs the probe asked were found (after `kdc` ran).
+    pub fn kdc_list(&self) -> Option<&vmgate_auth::discover::KdcList> {
+        self.kdc_list.as_ref()
     }
 
     /// The realm: `--realm`, the configurations', krb5.conf's default, or the directory's.
@@ -499,10 +500,8 @@ impl Context {
         if let Some(r) = &self.settings.realm {
             return Some(r.clone());
         }
-        if let Ok(c) = self.kdc_config() {
-            if let Some(r) = &c.default_realm {
-                return Some(r.clone());
-            }
+        if let Some(r) = self.default_realm() {
+            return Some(r);
         }
         self.directory().ok().map(Directory::realm)
     }
@@ -531,27 +530,16 @@ impl Context {
 
     fn probe_kdc(&mut self) -> Result<kdc::KdcTime, kdc::KdcError> {
         let realm = self.realm().ok_or(kdc::KdcError::NoRealm)?;
-        let values = match &self.settings.kdc {
-            Some(k) => vec![k.clone()],
+        let addresses = match &self.settings.kdc {
+            Some(k) => kdc::kdc_addresses(k)?,
             None => {
-                let config = self.kdc_config().map_err(|e| kdc::KdcError::Config {
-                    path: PathBuf::from("krb5.conf"),
-                    source: std::io::Error::other(crate::output::error_chain(e)),
-                })?;
-                let values = config.kdcs(&realm);
-                if values.is_empty() {
-                    return Err(kdc::KdcError::NoKdc {
-                        path: config.file.clone(),
-                        realm,
-                    });
-                }
-                values
+                // Where libkrb5 looks: krb5.conf's kdc lines, else DNS SRV records.
+                let list = vmgate_auth::discover::kdcs(&realm)?;
+                let addresses = list.addresses()?;
+                self.kdc_list = Some(list);
+                addresses
             }
         };
-        let mut addresses = Vec::new();
-        for v in &values {
-            addresses.extend(kdc::kdc_addresses(v)?);
-        }
         kdc::probe(&addresses, &realm, &self.source_account_name())
     }
 

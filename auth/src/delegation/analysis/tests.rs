@@ -282,12 +282,11 @@ fn protected_users_member_is_refused() {
     let d = v.diagnosis().unwrap();
     assert_eq!(d.code, WinCode::NoCredentials);
     assert!(d.cause.contains("Protected Users"));
-    assert!(
-        d.fix
-            .as_deref()
-            .unwrap()
-            .starts_with("samba-tool group removemembers \"Protected Users\" alice\n")
-    );
+    assert!(d.fix.as_deref().unwrap().starts_with(
+        "on a domain controller: samba-tool group removemembers \"Protected Users\" \
+                 alice\nor on Windows (RSAT): Remove-ADGroupMember -Identity \"Protected \
+                 Users\" -Members alice\n"
+    ));
 }
 
 #[test]
@@ -423,7 +422,13 @@ fn disabled_user_fails_first_with_logon_denied() {
     let v = analyze(&f);
     let d = v.diagnosis().unwrap();
     assert_eq!(d.code, WinCode::LogonDenied);
-    assert_eq!(d.fix.as_deref(), Some("samba-tool user enable alice"));
+    assert_eq!(
+        d.fix.as_deref(),
+        Some(
+            "on a domain controller: samba-tool user enable alice\nor on Windows (RSAT): \
+             Enable-ADAccount -Identity alice"
+        )
+    );
     assert_eq!(
         kdc(&v),
         vec![&KdcAnswer::ClientRevoked, &KdcAnswer::ClientRevoked]
