@@ -512,7 +512,7 @@ pub struct LdapGroups {
 enum Conn {
     Directory(Directory),
     Sealed {
-        ldap: ldap3::LdapConn,
+        ldap: Box<ldap3::LdapConn>,
         base_dn: String,
     },
 }
@@ -712,7 +712,10 @@ impl LdapGroups {
                     .ok_or_else(|| {
                         AuthzError::Ldap("the rootDSE has no defaultNamingContext".into())
                     })?;
-                Ok(Conn::Sealed { ldap, base_dn })
+                Ok(Conn::Sealed {
+                    ldap: Box::new(ldap),
+                    base_dn,
+                })
             }
         }
     }

@@ -116,7 +116,8 @@ pub(crate) fn resolve(
     want: Want,
     dotdot: DotDot,
 ) -> Result<PathBuf, PathProblem> {
-    let list = || RootList(roots.roots().to_vec());
+    let all = roots.roots();
+    let list = || RootList(all.clone());
     if path
         .to_str()
         .is_none_or(|s| s.chars().any(char::is_control))
@@ -131,8 +132,7 @@ pub(crate) fn resolve(
             roots: list(),
         });
     }
-    let root_paths = roots.roots();
-    let Some((root, rel)) = root_paths
+    let Some((root, rel)) = all
         .iter()
         .find_map(|r| path.strip_prefix(r).ok().map(|rel| (r, rel)))
     else {
