@@ -148,8 +148,9 @@ async fn run(config: Config) -> ExitCode {
     };
     // The admin group is resolved in the directory: off the runtime.
     let config = daemon.config.clone();
+    let runtime = tokio::runtime::Handle::current();
     let mut gateway_settings =
-        match tokio::task::spawn_blocking(move || gateway::settings(&config)).await {
+        match tokio::task::spawn_blocking(move || gateway::settings(&config, runtime)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 error::print("vmgated", &e);

@@ -19,6 +19,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod directory;
 pub mod pending;
 
 use std::net::{SocketAddr, TcpStream};
@@ -26,6 +27,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tracing::Instrument;
+use vmgate_auth::authz::GroupSpec;
 use vmgate_auth::channel::{
     ChannelError, Incoming as Connection, Purpose, ServerChannel, ServerSettings,
 };
@@ -45,13 +47,23 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Handshakes at once.
 pub const MAX_HANDSHAKES: usize = vmgate_auth::channel::DEFAULT_MAX_HANDSHAKES;
 
+/// The time one directory operation of a group lookup may take.
+pub const DIRECTORY_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The gateway's settings for this host: its identity from its keytab; who may connect — the
-/// admin group's users (looked up in the directory as the host), the peer hosts for moves in
-/// host-identity mode, the trusted realms; and no connection-level network filter (control
-/// connections may come from anywhere; moves only from the migration networks, see
+/// admin group's users (looked up in the directory as the host: over `ldap://` with ldap3's
+/// async client on `runtime`, [`directory::AsyncGroups`]; over `ldaps://` with the auth
+/// crate's directory client), the peer hosts for moves in host-identity mode, the trusted
+/// realms; and no connection-level network filter (control connections may come from
+/// anywhere; moves only from the migration networks, see
 /// [`ServerSettings::migration_filter`]). Blocks (the admin group is resolved in the
-/// directory).
-pub fn settings(config: &Config) -> Result<ServerSettings, GatewayError> {
+/// directory, once): call it from a blocking thread.
+pub fn settings(
+    config: &Config,
+    runtime: tokio::runtime::Handle,
+) -> Result<ServerSettings, GatewayError> {
+    let url = &config.directory.url;
+    let sealed = url.to_ascii_lowercase().starts_with("ldap://");
     let [_, spn] = config.migration_spns().map_err(GatewayError::Spn)?;
     let id = HostIdentity {
         keytab: config.keytab.clone(),
@@ -62,15 +74,46 @@ pub fn settings(config: &Config) -> Result<ServerSettings, GatewayError> {
     };
     let admit = Admission {
         principals: Vec::new(),
-        groups: vec![config.admin_group.clone()],
+        groups: if sealed {
+            Vec::new()
+        } else {
+            vec![config.admin_group.clone()]
+        },
         trusted_realms: config.trusted_realms.clone(),
         peer_hosts: config.migration.peer_hosts.clone(),
-        ldap_url: Some(config.directory.url.clone()),
+        ldap_url: (!sealed).then(|| url.clone()),
         ldap_ca: config.directory.ca_file.clone(),
         networks: vec!["any".into()],
     };
-    let (settings, _groups) = server_settings(&id, &admit, HANDSHAKE_TIMEOUT, MAX_HANDSHAKES)
+    let (mut settings, _groups) = server_settings(&id, &admit, HANDSHAKE_TIMEOUT, MAX_HANDSHAKES)
         .map_err(GatewayError::Settings)?;
+    if sealed {
+        let groups = directory::AsyncGroups::new(
+            url.clone(),
+            vmgate_auth::host::url_host(url).unwrap_or_default(),
+            DIRECTORY_TIMEOUT,
+            runtime,
+        );
+        settings.authorizer = settings
+            .authorizer
+            .clone()
+            .allow_group(GroupSpec::parse(&config.admin_group), Arc::new(groups));
+        // Resolved once, now: a missing or ambiguous group stops the daemon; a directory
+        // that cannot be asked yet leaves it to the first logon.
+        match settings.authorizer.resolve_groups() {
+            Ok(resolved) => {
+                for g in resolved {
+                    tracing::info!(group = %g.spec, dn = %g.dn, sid = ?g.sid, "admin group resolved");
+                }
+            }
+            Err(e) if e.is_unreachable() => {
+                tracing::warn!(error = %e, "the admin group could not be resolved yet; it will be at the first logon");
+            }
+            Err(e) => {
+                return Err(GatewayError::Settings(HostSettingsError::AdminGroup(e)));
+            }
+        }
+    }
     Ok(settings)
 }
 
