@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use vmgate::daemon::events::EventLog;
-use vmgate::daemon::local::{LocalClient, Request, Response};
+use vmgate_control::api::{Request, Response};
+use vmgate_control::client::LocalClient;
+use vmgate_control::events;
 
 const VMGATED: &str = env!("CARGO_BIN_EXE_vmgated");
 
@@ -132,7 +133,7 @@ fn check_reports_valid_and_invalid_configs_with_exit_codes() {
     assert_eq!(
         text(&out.stderr),
         format!(
-            "vmgated: cannot read the configuration file {}\n",
+            "vmgated: cannot read the configuration file {}: No such file or directory (os error 2)\n",
             missing.display()
         )
     );
@@ -243,7 +244,7 @@ fn starts_without_the_directory_serves_and_stops_cleanly() {
     let out = stop(child);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert!(!s.socket.exists(), "the socket outlived the daemon");
-    let (events, skipped) = EventLog::read(&s.state.join("events.jsonl"), 100).unwrap();
+    let (events, skipped) = events::read(&s.state.join("events.jsonl"), 100).unwrap();
     assert_eq!(skipped, 0);
     let ids: Vec<u32> = events.iter().map(|e| e.id).collect();
     assert_eq!(ids, [14053, 10000, 10001], "{events:?}");

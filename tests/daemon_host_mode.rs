@@ -3,25 +3,17 @@
 //! principal never gets the control API, and refused logons are in the event log (10011).
 //! Run through tests/run, or after `eval "$(tests/domain/up)"`.
 
-mod lab_hosts;
-
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use lab_hosts::{Lab, VMGATED, chan, memstress_vm};
 use serde_json::Value;
-use vmgate::daemon::events::Event;
+use vmgate_control::events::Event;
+use vmgate_testkit::lab::{Lab, chan, memstress_vm};
 
-/// The channel probe (built with the workspace, next to vmgated).
+/// The channel probe.
 fn probe() -> PathBuf {
-    let p = Path::new(VMGATED).with_file_name("vmgate-channel");
-    assert!(
-        p.exists(),
-        "{} is missing: build the workspace (cargo build -p vmgate-auth, or run through tests/run)",
-        p.display()
-    );
-    p
+    vmgate_testkit::bin("vmgate-channel")
 }
 
 fn wait_listed(lab: &Lab, host: &str, vm: &str) {
@@ -95,9 +87,9 @@ fn host_mode_moves_come_only_from_peer_hosts_and_hosts_never_get_the_control_api
         let logged = refused.iter().any(|r| {
             matches!(
                 &r.event,
-                Event::GatewayRefused { peer, code, cause }
+                Event::GatewayRefused { principal: Some(principal), code, cause, .. }
                     if code == "0x80070005"
-                        && peer.starts_with("hv3$@")
+                        && principal.starts_with("hv3$@")
                         && cause.contains("peer_hosts: hv1")
             )
         });

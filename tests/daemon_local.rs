@@ -15,12 +15,15 @@ use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use vmgate::daemon::config::Config;
-use vmgate::daemon::events::EventLog;
-use vmgate::daemon::local::{
-    BasicHandler, ErrorCode, HostInfo, LocalClient, LocalServer, MAX_REQUEST, Request, Response,
-    VersionInfo,
-};
+use vmgate::control::host::version;
+use vmgate::control::serve::BasicHandler;
+use vmgate::control::socket::LocalServer;
+use vmgate::events::{EventLog, read as read_events};
+use vmgate_control::api::host::HostInfo;
+use vmgate_control::api::{ErrorCode, Request, Response};
+use vmgate_control::client::LocalClient;
+use vmgate_control::config::Config;
+use vmgate_control::framing::MAX_REQUEST;
 
 const PYTHON: &str = "/usr/bin/python3";
 
@@ -196,12 +199,16 @@ fn serve(dir: &Path, group: Option<&str>) -> (Config, EventLog) {
     .unwrap();
     let host = HostInfo {
         migration_addresses: Vec::new(),
-        version: VersionInfo::current(),
+        version: version(),
         config: config.clone(),
         spns: Vec::new(),
     };
     std::thread::spawn(move || {
-        let _ = server.serve(Arc::new(BasicHandler::new(host)));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _ = runtime.block_on(server.serve(Arc::new(BasicHandler::new(host))));
     });
     (config, events)
 }
@@ -229,7 +236,7 @@ fn root_and_group_members_are_admitted_others_refused() {
     match root.call(&Request::Version).unwrap() {
         Response::Version(v) => {
             assert_eq!(v.daemon, env!("CARGO_PKG_VERSION"));
-            assert_eq!(v, VersionInfo::current());
+            assert_eq!(v, version());
         }
         other => panic!("root: {other:?}"),
     }
@@ -264,7 +271,7 @@ fn root_and_group_members_are_admitted_others_refused() {
         other => panic!("nobody was not refused: {other:?}"),
     }
     assert_eq!(lines[1], "EOF");
-    let (logged, _) = EventLog::read(events.path(), 100).unwrap();
+    let (logged, _) = read_events(events.path(), 100).unwrap();
     assert!(
         logged.iter().any(|r| r.id == 10010
             && r.message.contains(&format!("uid {nobody}"))
@@ -278,7 +285,7 @@ fn root_and_group_members_are_admitted_others_refused() {
         let gid = id_of("-g", user);
         let lines = client_as(uid, gid, &socket, Some(r#"{"request":"version"}"#));
         match parse(&lines[0]) {
-            Response::Version(v) => assert_eq!(v, VersionInfo::current()),
+            Response::Version(v) => assert_eq!(v, version()),
             other => panic!("{user} (uid {uid}) was not admitted: {other:?}"),
         }
         // The daemon keeps the connection open for more requests; the client closed it.

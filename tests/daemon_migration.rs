@@ -4,19 +4,16 @@
 //! with its stable ids; a user outside the admin group is refused with E_ACCESSDENIED and the VM
 //! stays at its source. Run through tests/run, or after `eval "$(tests/domain/up)"`.
 
-mod lab_hosts;
-
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use lab_hosts::{Lab, chan};
 use serde_json::Value;
-use vmgate::daemon::events::Event;
-use vmgate::daemon::local::{LocalClient, Request, Response};
-
-const HOST_BIN: &str = env!("CARGO_BIN_EXE_vmgate-host");
+use vmgate_control::api::{Request, Response};
+use vmgate_control::client::LocalClient;
+use vmgate_control::events::Event;
+use vmgate_testkit::lab::{Lab, chan};
 
 /// Runs `vmgate-host send` as `user` to hv2's daemon; returns its final event.
 fn send(dir: &Path, user: &str, name: &str, port: u16) -> Value {
@@ -30,7 +27,7 @@ fn send(dir: &Path, user: &str, name: &str, port: u16) -> Value {
     .unwrap();
     let cc = chan::user_ccache(user, &format!("daemon-{name}"));
     let e = chan::env();
-    let mut child = Command::new(HOST_BIN)
+    let mut child = Command::new(vmgate_testkit::bin("vmgate-host"))
         .args(["send", "--vm"])
         .arg(&vm)
         .args([
@@ -89,7 +86,7 @@ fn a_vm_moves_into_vmgated_and_a_user_outside_the_admin_group_is_refused() {
         assert!(Instant::now() < deadline, "vm_list never listed the VM");
         std::thread::sleep(Duration::from_millis(50));
     };
-    assert_eq!(v.state, "running");
+    assert_eq!(v.state.as_str(), "running");
     assert!(v.origin.contains("alice@"), "{v:?}");
 
     // carol is not in "Hyper-V Administrators": refused before the engine, the VM stays.
@@ -113,5 +110,117 @@ fn a_vm_moves_into_vmgated_and_a_user_outside_the_admin_group_is_refused() {
     assert!(
         records.iter().any(|r| r.id == 20401),
         "no handoff phase event: {records:#?}"
+    );
+}
+
+/// The lines of hv2's log (its stderr) that record event 10011, refused logons.
+fn refusal_lines(lab: &Lab) -> Vec<String> {
+    std::fs::read_to_string(lab.host("hv2").dir.join("vmgated.log"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("10011 gateway.refused"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Waits until hv2 has logged `n` refused logons; returns those lines.
+fn wait_refusals(lab: &Lab, n: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let lines = refusal_lines(lab);
+        if lines.len() >= n || Instant::now() > deadline {
+            return lines;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The refused logons hv2 recorded in its event log.
+fn refusals(lab: &Lab) -> Vec<(String, Option<String>, String, String)> {
+    lab.host("hv2")
+        .events()
+        .into_iter()
+        .filter_map(|r| match r.event {
+            Event::GatewayRefused {
+                peer,
+                principal,
+                cause,
+                code,
+                ..
+            } => Some((peer, principal, cause, code)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_refused_logon_is_one_warning_in_the_daemons_log_with_peer_principal_reason_and_code() {
+    let lab = Lab::start(&["hv2"], &|_| String::new());
+    assert!(refusal_lines(&lab).is_empty());
+
+    // carol authenticates but is not in "Hyper-V Administrators".
+    let (code, out, err) = lab.run("carol", &["--host", "hv2", "--remote", "host", "show"]);
+    assert_eq!(code, 5, "{out}{err}");
+    assert!(err.contains("0x80070005"), "{err}");
+    let lines = wait_refusals(&lab, 1);
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    let recorded = refusals(&lab);
+    assert_eq!(recorded.len(), 1, "{recorded:#?}");
+    let (peer, principal, reason, win) = &recorded[0];
+    let carol = format!("carol@{}", chan::env().realm);
+    assert_eq!(principal.as_deref(), Some(carol.as_str()));
+    assert_eq!(win, "0x80070005");
+    assert!(reason.contains("is not a member"), "{reason}");
+    let line = &lines[0];
+    assert!(line.contains("WARN"), "{line}");
+    assert!(
+        line.contains(peer.as_str()),
+        "no peer address {peer}: {line}"
+    );
+    assert!(line.contains(&carol), "no principal: {line}");
+    assert!(
+        line.contains("0x80070005 (E_ACCESSDENIED)"),
+        "no code: {line}"
+    );
+    assert!(line.contains("is not a member"), "no reason: {line}");
+
+    // A move from outside hv2's migration networks: refused for its address.
+    let (code, v) = lab.run_json(
+        "alice",
+        &[
+            "--host",
+            "hv2",
+            "host",
+            "set",
+            "--any-network",
+            "false",
+            "--network",
+            "10.99.0.0/16:1",
+        ],
+    );
+    assert_eq!(code, 0, "{v}");
+    let refused = send(lab.dir.path(), "alice", "wrong-net", lab.host("hv2").port);
+    assert_eq!(refused["event"], "failed", "{refused}");
+    assert_eq!(refused["diagnosis"]["code"], "0x80070005", "{refused}");
+    let lines = wait_refusals(&lab, 2);
+    assert_eq!(lines.len(), 2, "{lines:#?}");
+    let recorded = refusals(&lab);
+    assert_eq!(recorded.len(), 2, "{recorded:#?}");
+    let (peer, _, reason, win) = &recorded[1];
+    assert_eq!(win, "0x80070005");
+    assert!(reason.contains("not on its migration networks"), "{reason}");
+    let line = &lines[1];
+    assert!(line.contains("WARN"), "{line}");
+    assert!(
+        line.contains(peer.as_str()),
+        "no peer address {peer}: {line}"
+    );
+    assert!(
+        line.contains("0x80070005 (E_ACCESSDENIED)"),
+        "no code: {line}"
+    );
+    assert!(
+        line.contains("not on its migration networks"),
+        "no reason: {line}"
     );
 }

@@ -5,8 +5,7 @@
 //!
 //! Run through tests/run, or after `eval "$(tests/domain/up)"`.
 
-#[path = "../tools/tests/common/mod.rs"]
-mod common;
+use vmgate_testkit::domain as common;
 
 use std::ffi::OsStr;
 use std::os::unix::fs::PermissionsExt;
@@ -15,9 +14,10 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{Domain, TestAccount};
-use vmgate::daemon::events::{Event, EventLog, EventRecord};
-use vmgate::daemon::local::{LocalClient, Request, Response};
 use vmgate_auth::spn::{Spn, samba_twin};
+use vmgate_control::api::{Request, Response};
+use vmgate_control::client::LocalClient;
+use vmgate_control::events::{Event, EventRecord, read as read_events};
 
 const VMGATED: &str = env!("CARGO_BIN_EXE_vmgated");
 const CLASS: &str = "Microsoft Virtual System Migration Service";
@@ -120,7 +120,11 @@ impl Host {
             if let Ok(mut c) = LocalClient::connect(&self.socket)
                 && let Ok(Response::Host(h)) = c.call(&Request::HostShow)
             {
-                let states = h.spns.into_iter().map(|s| (s.spn, s.state)).collect();
+                let states = h
+                    .spns
+                    .into_iter()
+                    .map(|s| (s.spn, s.state.as_str().to_owned()))
+                    .collect();
                 return (child, states);
             }
             assert!(
@@ -132,7 +136,7 @@ impl Host {
     }
 
     fn events(&self) -> Vec<EventRecord> {
-        EventLog::read(&self.state.join("events.jsonl"), 10_000)
+        read_events(&self.state.join("events.jsonl"), 10_000)
             .unwrap()
             .0
     }

@@ -7,12 +7,10 @@
 //! The doctor runs here as from a workstation: no lab folder, so it knows D only by its name
 //! and address (`--to-address`), not its configuration or keytab.
 
-mod lab_hosts;
-
 use std::process::Command;
 
-use lab_hosts::{Lab, chan};
 use serde_json::Value;
+use vmgate_testkit::lab::{self as lab_hosts, Lab, chan};
 
 fn doctor(lab: &Lab) -> (i32, Value) {
     let e = chan::env();

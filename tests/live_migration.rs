@@ -7,8 +7,7 @@
 //! its memory checks pass there and its markers continue, and that nothing is left behind.
 //! Run through tests/run (it brings the domain up).
 
-#[path = "../auth/tests/channel/common.rs"]
-mod chan;
+use vmgate_testkit::channel as chan;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -20,7 +19,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-const HOST_BIN: &str = env!("CARGO_BIN_EXE_vmgate-host");
+/// The `vmgate-host` probe.
+fn host_bin() -> PathBuf {
+    vmgate_testkit::bin("vmgate-host")
+}
 
 /// A vmgate-host process; killed when dropped.
 struct HostProc {
@@ -40,7 +42,7 @@ impl Drop for HostProc {
 impl HostProc {
     fn spawn(name: &str, args: &[String]) -> HostProc {
         let e = chan::env();
-        let mut child = Command::new(HOST_BIN)
+        let mut child = Command::new(host_bin())
             .args(args)
             .env("KRB5_CONFIG", &e.krb5_config)
             .env("VMGATE_REALM", &e.realm)
@@ -703,7 +705,7 @@ fn raw_link(to: SocketAddr) -> vmgate_migrate::engine::Link {
         handshake_timeout: Duration::from_secs(10),
         local_host: None,
     };
-    let d = vmgate::host::ChannelDialer::new(
+    let d = vmgate::adapter::ChannelDialer::new(
         settings,
         to,
         chan::spn("hv2").parse().unwrap(),

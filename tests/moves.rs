@@ -7,13 +7,11 @@
 //!
 //! The tests change the hosts' delegation in the shared directory: they run one at a time.
 
-mod lab_hosts;
-
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use lab_hosts::{Lab, chan, disk_vm, memstress_vm};
 use serde_json::Value;
+use vmgate_testkit::lab::{Lab, chan, disk_vm, memstress_vm};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -477,14 +475,14 @@ fn the_source_falls_back_to_the_next_offered_address() {
     };
     let real = format!("{}:{}", lab.host("hv2").ip, lab.host("hv2").port);
     let cc = chan::user_ccache("alice", "fallback");
-    let mut c = vmgate::daemon::local::LocalClient::connect(&lab.host("hv1").socket()).unwrap();
+    let mut c = vmgate_control::client::LocalClient::connect(&lab.host("hv1").socket()).unwrap();
     let r = c
-        .call(&vmgate::daemon::local::Request::Move(
-            vmgate::daemon::local::MoveSpec {
+        .call(&vmgate_control::api::Request::Move(
+            vmgate_control::api::moves::MoveSpec {
                 vm: "fallback".into(),
                 to: vec![closed.to_string(), real.clone()],
                 destination: "hv2.lab.example.test".into(),
-                ccache: Some(vmgate::daemon::local::CcacheBlob::new(
+                ccache: Some(vmgate_control::api::CcacheBlob::new(
                     std::fs::read(&cc).unwrap(),
                 )),
                 switch_map: Vec::new(),
@@ -495,7 +493,7 @@ fn the_source_falls_back_to_the_next_offered_address() {
         ))
         .unwrap();
     match r {
-        vmgate::daemon::local::Response::Moved(m) => assert_eq!(m.address, real),
+        vmgate_control::api::Response::Moved(m) => assert_eq!(m.address, real),
         other => panic!("{other:?}"),
     }
     runs_and_checks(&lab, "hv2", "fallback");

@@ -8,14 +8,12 @@
 //! Run through tests/run, or after `eval "$(tests/domain/up)"` and a build of vmgated and
 //! vmgate. The tests change nothing in the directory; each has its own lab (folder, ports).
 
-mod lab_hosts;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use lab_hosts::{Lab, disk_vm};
 use serde_json::Value;
+use vmgate_testkit::lab::{self as lab_hosts, Lab, disk_vm};
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()

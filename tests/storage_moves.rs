@@ -11,16 +11,14 @@
 //! Run through tests/run, or after `eval "$(tests/domain/up)"` and a build of vmgated and
 //! vmgate. The tests change nothing in the directory; each has its own lab (folder, ports).
 
-mod lab_hosts;
-
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use lab_hosts::{Lab, disk_vm};
 use serde_json::Value;
-use vmgate::daemon::events::{Event, EventRecord, MoveKind, MovePhase};
+use vmgate_control::events::{Event, EventRecord, MoveKind, MovePhase};
+use vmgate_testkit::lab::{self as lab_hosts, Lab, disk_vm};
 
 /// A raw image of `mib` MiB: zeroes for the guest's region (the first MiB), then data, so
 /// that every MiB is copied.

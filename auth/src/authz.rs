@@ -505,6 +505,10 @@ pub struct LdapGroups {
     conn: Mutex<Option<Conn>>,
 }
 
+#[allow(
+    clippy::large_enum_variant,
+    reason = "one per group directory; ldap3's blocking connection embeds a tokio runtime"
+)]
 enum Conn {
     Directory(Directory),
     Sealed {

@@ -8,76 +8,122 @@
 //! 3. H as a DNS name, port 6600 (`H.<realm>` when H has no dot; the realm from
 //!    `VMGATE_REALM`).
 //!
-//! With a configuration file at hand the CLI knows the host's control socket, its FQDN and
-//! realm, and the migration addresses it offers, by priority. Without `--host`, the daemon of
-//! this machine is used through its socket (`--socket`, or the one in
-//! `/etc/vmgate/vmgated.toml`, or `/run/vmgate/vmgated.sock`).
+//! With a configuration file at hand (read with the daemon's own parser,
+//! [`vmgate_control::config`]) the CLI knows the host's control socket, its FQDN and realm, and
+//! the migration addresses it offers, by priority. Without `--host`, the daemon of this machine
+//! is used through its socket (`--socket`, or the one in `/etc/vmgate/vmgated.toml`, or
+//! `/run/vmgate/vmgated.sock`).
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use vmgate::daemon::config::Config;
-use vmgate::daemon::local::{ControlClient, LocalClient, LocalError, Request, Response};
-use vmgate::host::service::offered_addresses;
 use vmgate_auth::Diagnosis;
-use vmgate_auth::channel::{
-    self, AuthenticatedStream, ClientSettings, ConnectRequest, Purpose, Route, Target,
-};
-use vmgate_auth::krb::{AuthFacts, Credential, UserCredential};
-use vmgate_auth::spn::Spn;
-use vmgate_auth::tls::TlsContext;
+use vmgate_auth::channel::AuthenticatedStream;
+use vmgate_auth::spn::{Spn, SpnError};
+use vmgate_control::api::{Request, Response};
+use vmgate_control::client::{ClientError, ControlClient, LocalClient};
+use vmgate_control::config::{Config, ConfigError};
+use vmgate_control::gateway::{self, GatewayError, GatewayTarget};
+use vmgate_control::{DEFAULT_PORT, DEFAULT_SOCKET, MIGRATION_SERVICE_CLASS, SYSTEM_CONFIG};
 
 use crate::exit;
 
-/// The system configuration file of this machine's daemon.
-pub const SYSTEM_CONFIG: &str = "/etc/vmgate/vmgated.toml";
-/// The default control socket.
-pub const DEFAULT_SOCKET: &str = "/run/vmgate/vmgated.sock";
-/// The gateway's default port.
-pub const DEFAULT_PORT: u16 = 6600;
-/// The migration SPN's service class.
-pub const SPN_CLASS: &str = "Microsoft Virtual System Migration Service";
-
 /// Why the CLI could not talk to a daemon, with the exit code it maps to.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ControlError {
-    /// The host name cannot be resolved.
-    #[error("cannot resolve the host \"{host}\": {why}")]
+    /// The host's configuration in the lab folder cannot be used.
+    #[error("cannot resolve the host \"{host}\"")]
+    Config {
+        /// The name.
+        host: String,
+        /// Why.
+        #[source]
+        source: ConfigError,
+    },
+    /// The host has no DNS name the CLI can form.
+    #[error(
+        "cannot resolve the host \"{0}\": give its DNS name (hv2.lab.example.test) or set VMGATE_REALM"
+    )]
+    NoDnsName(String),
+    /// The host's name does not resolve.
+    #[error("cannot resolve the host \"{host}\"")]
     Resolve {
         /// The name.
         host: String,
         /// Why.
-        why: String,
+        #[source]
+        source: std::io::Error,
     },
-    /// The daemon cannot be reached.
-    #[error("{0}")]
-    Unreachable(String),
-    /// Kerberos or authorization refused the connection.
-    #[error("{0}")]
-    Denied(Diagnosis),
-    /// The caller's credential cannot be used.
-    #[error("{0}")]
-    Credential(String),
+    /// The host's realm is unknown, so no gateway channel can be opened.
+    #[error("cannot resolve the host \"{0}\": its realm is unknown: set VMGATE_REALM")]
+    NoRealm(String),
+    /// The host's migration SPN cannot be formed from its name.
+    #[error("cannot resolve the host \"{host}\"")]
+    Spn {
+        /// The name.
+        host: String,
+        /// Why.
+        #[source]
+        source: SpnError,
+    },
+    /// The local socket does not answer.
+    #[error("{} (is vmgated running on {host}?)", vmgate_control::error::chain(.error))]
+    Local {
+        /// The host.
+        host: String,
+        /// Why.
+        error: ClientError,
+    },
+    /// The gateway could not be reached, or refused the caller.
+    #[error(transparent)]
+    Gateway(#[from] GatewayError),
+    /// The caller's credential cache is not a file.
+    #[error(
+        "the credential cache {0} is not a file: handing a ticket to the daemon needs a FILE: cache (kinit -c FILE:/tmp/krb5cc_me ...)"
+    )]
+    CcacheNotAFile(String),
+    /// The caller's credential cache cannot be read.
+    #[error(
+        "cannot read your credential cache {path}: {error}; fix: kinit (with a forwardable ticket: kinit -f)"
+    )]
+    CcacheUnreadable {
+        /// The file.
+        path: String,
+        /// Why.
+        error: std::io::Error,
+    },
     /// The conversation failed.
     #[error("the daemon's answer could not be read")]
-    Protocol(#[source] LocalError),
+    Protocol(#[source] ClientError),
 }
 
 impl ControlError {
     /// The exit code.
     pub fn exit_code(&self) -> u8 {
         match self {
-            ControlError::Resolve { .. } => exit::NOT_FOUND,
-            ControlError::Unreachable(_) | ControlError::Protocol(_) => exit::UNREACHABLE,
-            ControlError::Denied(_) | ControlError::Credential(_) => exit::DENIED,
+            ControlError::Config { .. }
+            | ControlError::NoDnsName(_)
+            | ControlError::Resolve { .. }
+            | ControlError::NoRealm(_)
+            | ControlError::Spn { .. } => exit::NOT_FOUND,
+            ControlError::Local { .. }
+            | ControlError::Protocol(_)
+            | ControlError::Gateway(
+                GatewayError::Unreachable { .. }
+                | GatewayError::NoAddress(_)
+                | GatewayError::Tls(_),
+            ) => exit::UNREACHABLE,
+            ControlError::Gateway(_)
+            | ControlError::CcacheNotAFile(_)
+            | ControlError::CcacheUnreadable { .. } => exit::DENIED,
         }
     }
 
     /// The diagnosis of a refusal.
     pub fn diagnosis(&self) -> Option<&Diagnosis> {
         match self {
-            ControlError::Denied(d) => Some(d),
+            ControlError::Gateway(g) => g.diagnosis(),
             _ => None,
         }
     }
@@ -105,15 +151,15 @@ impl HostTarget {
             fqdn: c.fqdn.clone(),
             realm: Some(c.realm.clone()),
             socket: Some(c.control_socket.clone()),
-            addresses: offered_addresses(c),
+            addresses: c.offered_addresses(),
         }
     }
 
     /// The host's migration SPN (`Microsoft Virtual System Migration Service/hv1.lab...`).
     pub fn spn(&self) -> Result<Spn, ControlError> {
-        Spn::new(SPN_CLASS, &self.fqdn).map_err(|e| ControlError::Resolve {
+        Spn::new(MIGRATION_SERVICE_CLASS, &self.fqdn).map_err(|source| ControlError::Spn {
             host: self.name.clone(),
-            why: e.to_string(),
+            source,
         })
     }
 }
@@ -144,9 +190,9 @@ pub fn resolve(host: Option<&str>, socket: Option<&Path>) -> Result<HostTarget, 
     if let Some(dir) = std::env::var_os("VMGATE_LAB_DIR") {
         let path = Path::new(&dir).join(&short).join("vmgated.toml");
         if path.exists() {
-            let c = Config::load(&path).map_err(|e| ControlError::Resolve {
+            let c = Config::load(&path).map_err(|source| ControlError::Config {
                 host: name.to_owned(),
-                why: e.to_string(),
+                source,
             })?;
             return Ok(with_socket(HostTarget::from_config(&c), socket));
         }
@@ -162,19 +208,14 @@ pub fn resolve(host: Option<&str>, socket: Option<&Path>) -> Result<HostTarget, 
     } else {
         match &realm {
             Some(r) => format!("{short}.{}", r.to_ascii_lowercase()),
-            None => {
-                return Err(ControlError::Resolve {
-                    host: name.to_owned(),
-                    why: "give its DNS name (hv2.lab.example.test) or set VMGATE_REALM".into(),
-                });
-            }
+            None => return Err(ControlError::NoDnsName(name.to_owned())),
         }
     };
     let addresses: Vec<SocketAddr> = (fqdn.as_str(), DEFAULT_PORT)
         .to_socket_addrs()
-        .map_err(|e| ControlError::Resolve {
+        .map_err(|source| ControlError::Resolve {
             host: name.to_owned(),
-            why: e.to_string(),
+            source,
         })?
         .collect();
     Ok(HostTarget {
@@ -251,14 +292,11 @@ pub fn caller_ccache(explicit: Option<&str>) -> String {
 pub fn ccache_bytes(ccache: &str) -> Result<Vec<u8>, ControlError> {
     let path = ccache.strip_prefix("FILE:").unwrap_or(ccache);
     if path.contains(':') && !path.starts_with('/') {
-        return Err(ControlError::Credential(format!(
-            "the credential cache {ccache} is not a file: handing a ticket to the daemon needs a FILE: cache (kinit -c FILE:/tmp/krb5cc_me ...)"
-        )));
+        return Err(ControlError::CcacheNotAFile(ccache.to_owned()));
     }
-    std::fs::read(path).map_err(|e| {
-        ControlError::Credential(format!(
-            "cannot read your credential cache {path}: {e}; fix: kinit (with a forwardable ticket: kinit -f)"
-        ))
+    std::fs::read(path).map_err(|error| ControlError::CcacheUnreadable {
+        path: path.to_owned(),
+        error,
     })
 }
 
@@ -282,77 +320,21 @@ pub fn open(
             .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
         return LocalClient::connect(&path)
             .map(Session::Local)
-            .map_err(|e| {
-                ControlError::Unreachable(format!(
-                    "{} (is vmgated running on {}?)",
-                    crate::output::error_chain(&e),
-                    target.name
-                ))
+            .map_err(|error| ControlError::Local {
+                host: target.name.clone(),
+                error,
             });
     }
-    let realm = target.realm.clone().ok_or_else(|| ControlError::Resolve {
-        host: target.name.clone(),
-        why: "its realm is unknown: set VMGATE_REALM".into(),
-    })?;
-    let cc = caller_ccache(ccache);
-    let credential: Credential = UserCredential::from_ccache(&cc).map_err(|e| {
-        ControlError::Denied(vmgate_auth::krb::diagnose::diagnose(
-            &e,
-            &AuthFacts {
-                realm: Some(realm.clone()),
-                ..AuthFacts::default()
-            },
-        ))
-    })?;
-    let settings = ClientSettings {
-        source: None,
-        tls: TlsContext::ephemeral().map_err(|e| ControlError::Unreachable(e.to_string()))?,
-        realm: realm.clone(),
-        handshake_timeout: Duration::from_secs(10),
-        local_host: None,
+    let realm = target
+        .realm
+        .clone()
+        .ok_or_else(|| ControlError::NoRealm(target.name.clone()))?;
+    let gateway = GatewayTarget {
+        name: target.name.clone(),
+        spn: target.spn()?,
+        realm,
+        addresses: target.addresses.clone(),
     };
-    let spn = target.spn()?;
-    let mut tried = Vec::new();
-    for addr in &target.addresses {
-        let req = ConnectRequest {
-            target: Target {
-                addr: *addr,
-                spn: spn.clone(),
-            },
-            purpose: Purpose::Control,
-            forward_tgt: forward_credentials,
-            route: Route::OwnTicket,
-            via: String::new(),
-            facts: AuthFacts {
-                realm: Some(realm.clone()),
-                target_spn: Some(spn.clone()),
-                peer_host: Some(target.name.clone()),
-                ..AuthFacts::default()
-            },
-        };
-        match channel::connect(&settings, &req, &credential) {
-            Ok(ch) => return Ok(Session::Remote(Box::new(ControlClient::over(ch.stream)))),
-            Err(e) => match e.diagnosis() {
-                Some(d)
-                    if !matches!(
-                        e,
-                        vmgate_auth::channel::ChannelError::Connect { .. }
-                            | vmgate_auth::channel::ChannelError::TimedOut { .. }
-                    ) =>
-                {
-                    return Err(ControlError::Denied(d));
-                }
-                _ => tried.push(format!("{addr}: {}", crate::output::error_chain(&e))),
-            },
-        }
-    }
-    Err(ControlError::Unreachable(if tried.is_empty() {
-        format!("{} has no known address", target.name)
-    } else {
-        format!(
-            "cannot reach vmgated on {}:\n  {}",
-            target.name,
-            tried.join("\n  ")
-        )
-    }))
+    let client = gateway::connect(&gateway, &caller_ccache(ccache), forward_credentials)?;
+    Ok(Session::Remote(Box::new(client)))
 }

@@ -15,8 +15,15 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
-use serde_json::{Value, json};
-use vmgate::daemon::local::{ErrorCode, HostChanges, MoveSpec, Request, Response, StorageMoveSpec};
+use serde_json::json;
+use vmgate_control::api::host::{HostChanges, HostInfo};
+use vmgate_control::api::jobs::{JobInfo, JobProgress, JobState, QueuedProgress};
+use vmgate_control::api::moves::{LivePhase, LiveProgress, MoveFailureKind, MoveSpec, MoveSummary};
+use vmgate_control::api::storage::{
+    LayerAction, StorageMoveSpec, StorageMoveSummary, StoragePhase, StorageProgress,
+};
+use vmgate_control::api::vm::{VmDetail, VmSummary};
+use vmgate_control::api::{CcacheBlob, ErrorCode, ErrorReply, Request, Response};
 
 use crate::control::{self, ControlError, HostTarget, Session, Transport};
 use crate::exit;
@@ -249,11 +256,11 @@ pub enum JobsCommand {
     },
 }
 
-/// What a command produced: its exit code.
+/// Why a command failed: its exit code, the text for people and the JSON for scripts.
 struct Failure {
     code: u8,
     message: String,
-    json: Value,
+    json: serde_json::Value,
 }
 
 fn fail(code: u8, message: impl Into<String>) -> Failure {
@@ -268,7 +275,7 @@ fn fail(code: u8, message: impl Into<String>) -> Failure {
 impl From<ControlError> for Failure {
     fn from(e: ControlError) -> Failure {
         let code = e.exit_code();
-        let mut f = fail(code, e.to_string());
+        let mut f = fail(code, vmgate_control::error::chain(&e));
         if let Some(d) = e.diagnosis() {
             f.json = json!({
                 "error": d.to_string(),
@@ -282,20 +289,59 @@ impl From<ControlError> for Failure {
     }
 }
 
+/// The exit code of an error answer.
+fn error_code(code: ErrorCode) -> u8 {
+    match code {
+        ErrorCode::AccessDenied | ErrorCode::Denied => exit::DENIED,
+        ErrorCode::NotFound => exit::NOT_FOUND,
+        ErrorCode::Unreachable => exit::UNREACHABLE,
+        ErrorCode::BadRequest | ErrorCode::RequestTooLarge => exit::USAGE,
+        _ => exit::REFUSED,
+    }
+}
+
+impl From<ErrorReply> for Failure {
+    fn from(e: ErrorReply) -> Failure {
+        let code = error_code(e.code);
+        let mut json = serde_json::to_value(&e).unwrap_or_default();
+        if let Some(o) = json.as_object_mut() {
+            o.insert("exit_code".into(), code.into());
+        }
+        Failure {
+            code,
+            message: e.message,
+            json,
+        }
+    }
+}
+
+/// An answer the request does not call for (a daemon of another version, or a bug).
+fn unexpected(r: &Response) -> Failure {
+    let tag = serde_json::to_value(r)
+        .ok()
+        .and_then(|v| v.get("result").cloned())
+        .unwrap_or_default();
+    fail(
+        exit::REFUSED,
+        format!("the daemon gave an unexpected answer ({tag})"),
+    )
+}
+
+/// Prints a command's outcome: the answer as JSON with `--json`, else `text(answer)`; a
+/// failure as JSON or as `vmgate: message` on stderr. `text` turns an answer it does not expect
+/// into a failure.
 fn finish(
     conn: &Connection,
-    result: Result<Value, Failure>,
-    text: impl Fn(&Value) -> String,
+    result: Result<Response, Failure>,
+    text: impl FnOnce(&Response) -> Result<String, Failure>,
 ) -> ExitCode {
+    let result = result.and_then(|r| text(&r).map(|t| (r, t)));
     match result {
-        Ok(v) => {
+        Ok((r, t)) => {
             if conn.json {
-                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-            } else {
-                let t = text(&v);
-                if !t.is_empty() {
-                    println!("{}", t.trim_end());
-                }
+                println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+            } else if !t.is_empty() {
+                println!("{}", t.trim_end());
             }
             exit::code(exit::OK)
         }
@@ -313,34 +359,11 @@ fn finish(
     }
 }
 
-/// The exit code of an error answer.
-fn error_code(code: ErrorCode) -> u8 {
-    match code {
-        ErrorCode::AccessDenied | ErrorCode::Denied => exit::DENIED,
-        ErrorCode::NotFound => exit::NOT_FOUND,
-        ErrorCode::Unreachable => exit::UNREACHABLE,
-        ErrorCode::BadRequest | ErrorCode::RequestTooLarge => exit::USAGE,
-        _ => exit::REFUSED,
-    }
-}
-
-/// Turns an answer into its JSON, or the failure it reports.
-fn answer(r: Response) -> Result<Value, Failure> {
+/// An answer, or the failure it reports.
+fn answer(r: Response) -> Result<Response, Failure> {
     match r {
-        Response::Error(e) => {
-            let code = error_code(e.code);
-            let json = serde_json::to_value(&e).unwrap_or_default();
-            let mut json = json;
-            if let Some(o) = json.as_object_mut() {
-                o.insert("exit_code".into(), code.into());
-            }
-            Err(Failure {
-                code,
-                message: e.message,
-                json,
-            })
-        }
-        other => Ok(serde_json::to_value(&other).unwrap_or_default()),
+        Response::Error(e) => Err(Failure::from(e)),
+        other => Ok(other),
     }
 }
 
@@ -354,16 +377,16 @@ fn session(
     Ok((target, s))
 }
 
-fn call(conn: &Connection, request: &Request) -> Result<Value, Failure> {
+fn call(conn: &Connection, request: &Request) -> Result<Response, Failure> {
     let (_, mut s) = session(conn, None, false)?;
     answer(s.call(request)?)
 }
 
-fn s(v: &Value, k: &str) -> String {
-    match &v[k] {
-        Value::String(t) => t.clone(),
-        Value::Null => String::new(),
-        other => other.to_string(),
+/// The message of a `done` answer.
+fn done(r: &Response) -> Result<String, Failure> {
+    match r {
+        Response::Done { message } => Ok(message.clone()),
+        other => Err(unexpected(other)),
     }
 }
 
@@ -380,123 +403,119 @@ pub fn run_vm(conn: &Connection, cmd: VmCommand) -> ExitCode {
                             exit::USAGE,
                             format!("cannot read {}: {e}", config.display()),
                         )),
-                        |_| String::new(),
+                        |_| Ok(String::new()),
                     );
                 }
             };
-            finish(conn, call(conn, &Request::VmCreate { config: text }), |v| {
-                s(v, "message")
+            finish(conn, call(conn, &Request::VmCreate { config: text }), done)
+        }
+        VmCommand::Start { name } => finish(conn, call(conn, &Request::VmStart { name }), done),
+        VmCommand::Stop { name } => finish(conn, call(conn, &Request::VmStop { name }), done),
+        VmCommand::Pause { name } => finish(conn, call(conn, &Request::VmPause { name }), done),
+        VmCommand::Resume { name } => finish(conn, call(conn, &Request::VmResume { name }), done),
+        VmCommand::List => finish(conn, call(conn, &Request::VmList), |r| match r {
+            Response::Vms { vms } => Ok(vm_table(vms)),
+            other => Err(unexpected(other)),
+        }),
+        VmCommand::Show { name } => {
+            finish(conn, call(conn, &Request::VmShow { name }), |r| match r {
+                Response::Vm(v) => Ok(vm_text(v)),
+                other => Err(unexpected(other)),
             })
         }
-        VmCommand::Start { name } => finish(conn, call(conn, &Request::VmStart { name }), |v| {
-            s(v, "message")
-        }),
-        VmCommand::Stop { name } => finish(conn, call(conn, &Request::VmStop { name }), |v| {
-            s(v, "message")
-        }),
-        VmCommand::Pause { name } => finish(conn, call(conn, &Request::VmPause { name }), |v| {
-            s(v, "message")
-        }),
-        VmCommand::Resume { name } => finish(conn, call(conn, &Request::VmResume { name }), |v| {
-            s(v, "message")
-        }),
-        VmCommand::List => finish(conn, call(conn, &Request::VmList), |v| {
-            let mut out = format!(
-                "{:<20} {:<9} {:>8} {:>5}  {}\n",
-                "NAME", "STATE", "MEMORY", "VCPUS", "ORIGIN"
-            );
-            for vm in v["vms"].as_array().into_iter().flatten() {
-                out.push_str(&format!(
-                    "{:<20} {:<9} {:>5} MiB {:>5}  {}\n",
-                    s(vm, "name"),
-                    s(vm, "state"),
-                    s(vm, "memory_mib"),
-                    s(vm, "vcpus"),
-                    s(vm, "origin")
-                ));
-            }
-            out
-        }),
-        VmCommand::Show { name } => finish(conn, call(conn, &Request::VmShow { name }), |v| {
-            let mut out = format!(
-                "Name:      {}\nState:     {}\nMemory:    {} MiB\nvCPUs:     {}\nCPU compat: {}\nOrigin:    {}\n",
-                s(v, "name"),
-                s(v, "state"),
-                s(v, "memory_mib"),
-                s(v, "vcpus"),
-                s(v, "cpu_compat"),
-                s(v, "origin")
-            );
-            for (i, n) in v["nics"].as_array().into_iter().flatten().enumerate() {
-                out.push_str(&format!(
-                    "NIC {i}:     {} on switch {}\n",
-                    s(n, "mac"),
-                    s(n, "switch")
-                ));
-            }
-            let stats = v["disk_stats"].as_array().cloned().unwrap_or_default();
-            for (i, d) in v["disks"].as_array().into_iter().flatten().enumerate() {
-                out.push_str(&format!(
-                    "Disk {i}:    {}\n",
-                    d.as_str().unwrap_or_default()
-                ));
-                if let Some(st) = stats.get(i) {
-                    let f = |k: &str| st[k].as_f64().unwrap_or(0.0);
-                    out.push_str(&format!(
-                        "           {} reads ({:.1} MiB), {} writes ({:.1} MiB), {} flushes, {} errors in {:.0} s; write latency p50 {:.1} µs, p99 {:.1} µs, max {:.1} µs\n",
-                        s(st, "reads"),
-                        f("bytes_read") / 1048576.0,
-                        s(st, "writes"),
-                        f("bytes_written") / 1048576.0,
-                        s(st, "flushes"),
-                        s(st, "errors"),
-                        f("window_ms") / 1000.0,
-                        f("write_p50_ns") / 1000.0,
-                        f("write_p99_ns") / 1000.0,
-                        f("write_max_ns") / 1000.0,
-                    ));
-                }
-            }
-            out
-        }),
         VmCommand::Check { name } => {
-            let r = call(conn, &Request::VmCheck { name }).and_then(|v| {
-                if v["passed"] == Value::Bool(true) {
-                    Ok(v)
-                } else {
-                    let details = v["details"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .filter_map(Value::as_str)
-                        .collect::<Vec<_>>()
-                        .join("\n  ");
+            let r = call(conn, &Request::VmCheck { name }).and_then(|r| match r {
+                Response::Checked(c) if !c.passed => {
+                    let message =
+                        format!("{} failed its checks:\n  {}", c.vm, c.details.join("\n  "));
                     Err(Failure {
                         code: exit::REFUSED,
-                        message: format!("{} failed its checks:\n  {details}", s(&v, "vm")),
-                        json: v,
+                        json: serde_json::to_value(Response::Checked(c)).unwrap_or_default(),
+                        message,
                     })
                 }
+                other => Ok(other),
             });
-            finish(conn, r, |v| {
-                let lines = v["details"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(Value::as_str)
-                    .collect::<Vec<_>>()
-                    .join("\n");
-                format!("{lines}\n{}: all checks passed", s(v, "vm"))
+            finish(conn, r, |r| match r {
+                Response::Checked(c) => Ok(format!(
+                    "{}\n{}: all checks passed",
+                    c.details.join("\n"),
+                    c.vm
+                )),
+                other => Err(unexpected(other)),
             })
         }
         VmCommand::Console { name, follow } => console(conn, &name, follow),
     }
 }
 
+fn vm_table(vms: &[VmSummary]) -> String {
+    let mut out = format!(
+        "{:<20} {:<9} {:>8} {:>5}  {}\n",
+        "NAME", "STATE", "MEMORY", "VCPUS", "ORIGIN"
+    );
+    for vm in vms {
+        out.push_str(&format!(
+            "{:<20} {:<9} {:>5} MiB {:>5}  {}\n",
+            vm.name,
+            vm.state.as_str(),
+            vm.memory_mib,
+            vm.vcpus,
+            vm.origin
+        ));
+    }
+    out
+}
+
+fn vm_text(v: &VmDetail) -> String {
+    let s = &v.summary;
+    let mut out = format!(
+        "Name:      {}\nState:     {}\nMemory:    {} MiB\nvCPUs:     {}\nCPU compat: {}\nOrigin:    {}\n",
+        s.name,
+        s.state.as_str(),
+        s.memory_mib,
+        s.vcpus,
+        v.cpu_compat,
+        s.origin
+    );
+    for (i, n) in v.nics.iter().enumerate() {
+        out.push_str(&format!("NIC {i}:     {} on switch {}\n", n.mac, n.switch));
+    }
+    let mib = |b: u64| ratio(b, 1 << 20);
+    let us = |ns: u64| ratio(ns, 1000);
+    for (i, d) in v.disks.iter().enumerate() {
+        out.push_str(&format!("Disk {i}:    {d}\n"));
+        if let Some(st) = v.disk_stats.get(i) {
+            out.push_str(&format!(
+                "           {} reads ({:.1} MiB), {} writes ({:.1} MiB), {} flushes, {} errors in {:.0} s; write latency p50 {:.1} µs, p99 {:.1} µs, max {:.1} µs\n",
+                st.reads,
+                mib(st.bytes_read),
+                st.writes,
+                mib(st.bytes_written),
+                st.flushes,
+                st.errors,
+                ratio(st.window_ms, 1000),
+                us(st.write_p50_ns),
+                us(st.write_p99_ns),
+                us(st.write_max_ns),
+            ));
+        }
+    }
+    out
+}
+
+/// `value / unit` as a float, for figures printed with one decimal.
+fn ratio(value: u64, unit: u64) -> f64 {
+    // Figures printed for people: the precision of an f64 is plenty.
+    #[allow(clippy::cast_precision_loss, reason = "printed with one decimal")]
+    let (v, u) = (value as f64, unit as f64);
+    v / u
+}
+
 fn console(conn: &Connection, name: &str, follow: bool) -> ExitCode {
     let mut sess = match session(conn, None, false) {
         Ok((_, s)) => s,
-        Err(f) => return finish(conn, Err(f), |_| String::new()),
+        Err(f) => return finish(conn, Err(f), |_| Ok(String::new())),
     };
     let mut offset = 0;
     let mut all = String::new();
@@ -508,12 +527,11 @@ fn console(conn: &Connection, name: &str, follow: bool) -> ExitCode {
             })
             .map_err(Failure::from)
             .and_then(answer);
-        let v = match r {
-            Ok(v) => v,
-            Err(f) => return finish(conn, Err(f), |_| String::new()),
+        let (text, next) = match r {
+            Ok(Response::Console { text, next_offset }) => (text, next_offset),
+            Ok(other) => return finish(conn, Err(unexpected(&other)), |_| Ok(String::new())),
+            Err(f) => return finish(conn, Err(f), |_| Ok(String::new())),
         };
-        let text = v["text"].as_str().unwrap_or_default().to_owned();
-        let next = v["next_offset"].as_u64().unwrap_or(offset);
         if conn.json {
             all.push_str(&text);
         } else {
@@ -537,65 +555,53 @@ fn console(conn: &Connection, name: &str, follow: bool) -> ExitCode {
     exit::code(exit::OK)
 }
 
-fn host_text(v: &Value) -> String {
-    let c = &v["config"];
-    let m = &c["migration"];
+fn host_text(h: &HostInfo) -> String {
+    let c = &h.config;
+    let m = &c.migration;
+    let v = &h.version;
     let mut out = format!(
         "Host:              {} ({})\nRealm:             {}\nVersion:           vmgate {} (protocol {}, accepts {} to {})\nListen:            {}\nMigration:         {}\nAuthentication:    {}\nLive moves:        {} at once\nStorage moves:     {} at once\nPerformance:       {}\nBandwidth limit:   {}\nDowntime target:   {} ms\nNetworks:          {}\nSwitches:          {}\nAdmin group:       {}\n",
-        s(c, "host_name"),
-        s(c, "fqdn"),
-        s(c, "realm"),
-        s(&v["version"], "daemon"),
-        s(&v["version"], "protocol"),
-        s(&v["version"], "min_protocol"),
-        s(&v["version"], "protocol"),
-        c["listen"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
+        c.host_name,
+        c.fqdn,
+        c.realm,
+        v.daemon,
+        v.protocol,
+        v.min_protocol,
+        v.protocol,
+        c.listen
+            .iter()
+            .map(ToString::to_string)
             .collect::<Vec<_>>()
             .join(", "),
-        if m["enabled"] == Value::Bool(true) {
-            "enabled"
-        } else {
-            "disabled"
-        },
-        s(m, "auth"),
-        s(m, "max_live_moves"),
-        s(m, "max_storage_moves"),
-        s(m, "performance"),
-        if m["bandwidth_limit"].is_null() {
-            "none".to_owned()
-        } else {
-            s(m, "bandwidth_limit")
-        },
-        s(m, "downtime_target_ms"),
-        if m["any_network"] == Value::Bool(true) {
+        if m.enabled { "enabled" } else { "disabled" },
+        m.auth.as_str(),
+        m.max_live_moves,
+        m.max_storage_moves,
+        m.performance.as_str(),
+        m.bandwidth_limit
+            .map_or_else(|| "none".to_owned(), |b| b.to_string()),
+        m.downtime_target_ms,
+        if m.any_network {
             "any".to_owned()
         } else {
-            m["networks"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|n| format!("{} (priority {})", s(n, "subnet"), s(n, "priority")))
+            m.networks
+                .iter()
+                .map(|n| format!("{} (priority {})", n.subnet, n.priority))
                 .collect::<Vec<_>>()
                 .join(", ")
         },
-        c["switch"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|w| format!("{} on {}", s(w, "name"), s(w, "interface")))
+        c.switches
+            .iter()
+            .map(|w| format!("{} on {}", w.name, w.interface))
             .collect::<Vec<_>>()
             .join(", "),
-        s(c, "admin_group"),
+        c.admin_group,
     );
-    for spn in v["spns"].as_array().into_iter().flatten() {
+    for spn in &h.spns {
         out.push_str(&format!(
             "SPN:               {} ({})\n",
-            s(spn, "spn"),
-            s(spn, "state")
+            spn.spn,
+            spn.state.as_str()
         ));
     }
     out
@@ -634,7 +640,10 @@ pub fn run_host(conn: &Connection, cmd: HostCommand) -> ExitCode {
             },
         },
     };
-    finish(conn, call(conn, &request), host_text)
+    finish(conn, call(conn, &request), |r| match r {
+        Response::Host(h) => Ok(host_text(h)),
+        other => Err(unexpected(other)),
+    })
 }
 
 /// What a shared-nothing move asks for: a folder, or `SRC=DST` per disk, and keep-source.
@@ -655,15 +664,9 @@ fn move_spec(
         // Not a host of this machine or lab: ask the destination which addresses it offers.
         if let Ok(mut d) = control::open(&dest, Transport::Remote, conn.ccache.as_deref(), false)
             && let Ok(Response::Host(h)) = d.call(&Request::HostShow)
+            && !h.migration_addresses.is_empty()
         {
-            let offered: Vec<std::net::SocketAddr> = h
-                .migration_addresses
-                .iter()
-                .filter_map(|a| a.parse().ok())
-                .collect();
-            if !offered.is_empty() {
-                dest.addresses = offered;
-            }
+            dest.addresses = h.migration_addresses;
         }
     }
     if dest.addresses.is_empty() {
@@ -674,9 +677,7 @@ fn move_spec(
     }
     let ccache = if sess.is_local() {
         let cc = control::caller_ccache(conn.ccache.as_deref());
-        Some(vmgate::daemon::local::CcacheBlob::new(
-            control::ccache_bytes(&cc)?,
-        ))
+        Some(CcacheBlob::new(control::ccache_bytes(&cc)?))
     } else {
         None
     };
@@ -697,34 +698,63 @@ pub fn run_compare(conn: &Connection, a: &CompareArgs) -> ExitCode {
     let r = (|| {
         let (_, mut sess) = session(conn, a.from.as_deref(), false)?;
         let spec = move_spec(conn, &sess, &a.vm, &a.to, &a.switch_map, None)?;
-        let v = answer(sess.call(&Request::Compare(spec))?)?;
-        let report = v["report"].as_array().cloned().unwrap_or_default();
-        if report.is_empty() {
-            Ok(v)
-        } else {
-            let lines = report
-                .iter()
-                .map(|i| format!("[{}] {}", s(i, "id"), s(i, "message")))
-                .collect::<Vec<_>>()
-                .join("\n  ");
-            Err(Failure {
-                code: exit::REFUSED,
-                message: format!(
-                    "{} cannot move to {}:\n  {lines}",
-                    a.vm,
-                    s(&v, "destination")
-                ),
-                json: v,
-            })
+        match answer(sess.call(&Request::Compare(spec))?)? {
+            Response::Compared {
+                vm,
+                destination,
+                report,
+            } if !report.is_empty() => {
+                let lines = report
+                    .iter()
+                    .map(|i| format!("[{}] {}", i.id, i.message))
+                    .collect::<Vec<_>>()
+                    .join("\n  ");
+                let message = format!("{vm} cannot move to {destination}:\n  {lines}");
+                Err(Failure {
+                    code: exit::REFUSED,
+                    message,
+                    json: serde_json::to_value(Response::Compared {
+                        vm,
+                        destination,
+                        report,
+                    })
+                    .unwrap_or_default(),
+                })
+            }
+            other => Ok(other),
         }
     })();
-    finish(conn, r, |v| {
-        format!(
-            "{} can move to {}: no incompatibilities",
-            s(v, "vm"),
-            s(v, "destination")
-        )
+    finish(conn, r, |r| match r {
+        Response::Compared {
+            vm, destination, ..
+        } => Ok(format!(
+            "{vm} can move to {destination}: no incompatibilities"
+        )),
+        other => Err(unexpected(other)),
     })
+}
+
+/// What to do after a move failed the way `kind` says: the CLI's advice, naming its own
+/// commands (the daemon and the engine report what happened, not which command to run).
+fn move_advice(kind: MoveFailureKind, vm: &str, source: &str, destination: &str) -> Option<String> {
+    match kind {
+        MoveFailureKind::InDoubt => Some(format!(
+            "hint: {vm} stays paused on {source} until you know where it runs: check {destination} \
+             (vmgate --host {destination} vm list; vmgate --host {source} jobs list), then resume \
+             it on {source} (vmgate --host {source} vm resume {vm}) only if {destination} does not \
+             run it"
+        )),
+        MoveFailureKind::DisksHeld => Some(format!(
+            "hint: {vm} stays paused on {source} while another host holds its disks: stop the \
+             copy on {destination} (vmgate --host {destination} vm list; vmgate --host \
+             {destination} vm stop {vm}), then resume it on {source} (vmgate --host {source} vm \
+             resume {vm})"
+        )),
+        MoveFailureKind::NotFound => Some(format!(
+            "hint: the VMs of {source}: vmgate --host {source} vm list"
+        )),
+        _ => None,
+    }
 }
 
 /// `vmgate move`
@@ -736,7 +766,7 @@ pub fn run_move(conn: &Connection, a: &MoveArgs) -> ExitCode {
                 exit::USAGE,
                 "--keep-source applies to moves with their storage (--include-storage or --disk)",
             )),
-            |_| String::new(),
+            |_| Ok(String::new()),
         );
     }
     let storage = (a.include_storage || !a.disks.is_empty()).then_some((
@@ -745,7 +775,7 @@ pub fn run_move(conn: &Connection, a: &MoveArgs) -> ExitCode {
         a.keep_source,
     ));
     let r = (|| {
-        let (_, mut sess) = session(conn, a.from.as_deref(), a.forward_credentials)?;
+        let (source, mut sess) = session(conn, a.from.as_deref(), a.forward_credentials)?;
         let spec = move_spec(conn, &sess, &a.vm, &a.to, &a.switch_map, storage)?;
         let mut bar = Bar::new(conn.json);
         let resp = sess.call_with(&Request::Move(spec), |p| {
@@ -754,39 +784,57 @@ pub fn run_move(conn: &Connection, a: &MoveArgs) -> ExitCode {
             }
         })?;
         bar.done();
-        answer(resp)
+        match resp {
+            Response::Error(e) => {
+                let advice = e
+                    .move_failure
+                    .and_then(|k| move_advice(k, &a.vm, &source.name, &a.to));
+                let mut f = Failure::from(e);
+                if let Some(advice) = advice {
+                    f.message = format!("{}\n{advice}", f.message);
+                }
+                Err(f)
+            }
+            other => Ok(other),
+        }
     })();
-    finish(conn, r, |v| {
-        let st = &v["stats"];
-        let mib = |k: &str| st[k].as_f64().unwrap_or(0.0) / 1048576.0;
-        let shared = st["shared_disks"].as_array().map_or(0, Vec::len);
-        let storage = if shared > 0 {
-            format!(
-                "\n  storage: shared, {shared} image(s) handed over in place (no disk data crossed)"
-            )
-        } else if st["disk_bytes_sent"].as_u64().unwrap_or(0) > 0 {
-            format!(
-                "\n  storage: {:.1} MiB of disk data copied ({:.1} MiB of parents reused at the destination)",
-                mib("disk_bytes_sent"),
-                mib("disk_bytes_reused"),
-            )
-        } else {
-            String::new()
-        };
-        format!(
-            "Moved {} to {} as {} ({}), job {}\n  total time {:.0} ms, downtime {:.1} ms, {:.1} MiB on the wire, {} rounds, {:.0} MiB/s{storage}",
-            s(v, "vm"),
-            s(v, "destination"),
-            s(v, "user"),
-            s(v, "method"),
-            s(v, "job"),
-            st["total_ms"].as_f64().unwrap_or(0.0),
-            st["downtime_ms"].as_f64().unwrap_or(0.0),
-            st["bytes_on_wire"].as_f64().unwrap_or(0.0) / 1048576.0,
-            s(st, "rounds"),
-            st["throughput_bytes_s"].as_f64().unwrap_or(0.0) / 1048576.0,
-        )
+    finish(conn, r, |r| match r {
+        Response::Moved(m) => Ok(moved_text(m)),
+        other => Err(unexpected(other)),
     })
+}
+
+/// The summary of a live move, for people.
+fn moved_text(m: &MoveSummary) -> String {
+    let st = &m.stats;
+    let mib = |b: u64| ratio(b, 1 << 20);
+    let shared = st.shared_disks.len();
+    let storage = if shared > 0 {
+        format!(
+            "\n  storage: shared, {shared} image(s) handed over in place (no disk data crossed)"
+        )
+    } else if st.disk_bytes_sent > 0 {
+        format!(
+            "\n  storage: {:.1} MiB of disk data copied ({:.1} MiB of parents reused at the destination)",
+            mib(st.disk_bytes_sent),
+            mib(st.disk_bytes_reused),
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "Moved {} to {} as {} ({}), job {}\n  total time {:.0} ms, downtime {:.1} ms, {:.1} MiB on the wire, {} rounds, {:.0} MiB/s{storage}",
+        m.vm,
+        m.destination,
+        m.user,
+        m.method.as_str(),
+        m.job,
+        st.total_ms,
+        st.downtime_ms,
+        mib(st.bytes_on_wire),
+        st.rounds,
+        st.throughput_bytes_s / 1_048_576.0,
+    )
 }
 
 /// `vmgate move-storage`
@@ -824,47 +872,48 @@ pub fn run_move_storage(conn: &Connection, a: &MoveStorageArgs) -> ExitCode {
         bar.done();
         answer(resp)
     })();
-    finish(conn, r, storage_moved_text)
+    finish(conn, r, |r| match r {
+        Response::StorageMoved(s) => Ok(storage_moved_text(s)),
+        other => Err(unexpected(other)),
+    })
 }
 
 /// The summary of a storage-only move, for people.
-fn storage_moved_text(v: &Value) -> String {
-    let mib = |k: &str, o: &Value| o[k].as_f64().unwrap_or(0.0) / 1048576.0;
+fn storage_moved_text(v: &StorageMoveSummary) -> String {
+    let mib = |b: u64| ratio(b, 1 << 20);
+    let ms = |us: u64| ratio(us, 1000);
     let mut out = format!(
         "Moved the storage of {} (job {}): {:.1} MiB copied in {} ms, paused {:.1} ms\n",
-        s(v, "vm"),
-        s(v, "job"),
-        mib("bytes_copied", v),
-        s(v, "total_ms"),
-        v["paused_us"].as_f64().unwrap_or(0.0) / 1000.0,
+        v.vm,
+        v.job,
+        mib(v.bytes_copied),
+        v.total_ms,
+        ms(v.paused_us),
     );
-    for d in v["disks"].as_array().into_iter().flatten() {
+    for d in &v.disks {
         out.push_str(&format!(
             "  disk {}: {} -> {} ({:.1} MiB, {} dirty round{}, paused {:.1} ms)\n",
-            s(d, "disk"),
-            s(d, "source"),
-            s(d, "destination"),
-            mib("bytes_copied", d),
-            s(d, "rounds"),
-            if d["rounds"] == 1 { "" } else { "s" },
-            d["paused_us"].as_f64().unwrap_or(0.0) / 1000.0,
+            d.disk,
+            d.source,
+            d.destination,
+            mib(d.bytes_copied),
+            d.rounds,
+            if d.rounds == 1 { "" } else { "s" },
+            ms(d.paused_us),
         ));
-        for l in d["layers"].as_array().into_iter().flatten() {
-            if l[1] == "reuse" {
-                out.push_str(&format!(
-                    "    reused {} (identical, already there)\n",
-                    l[0].as_str().unwrap_or_default()
-                ));
+        for (path, action) in &d.layers {
+            if *action == LayerAction::Reuse {
+                out.push_str(&format!("    reused {path} (identical, already there)\n"));
             }
         }
-        for f in d["old_files"].as_array().into_iter().flatten() {
-            if f["deleted"] == Value::Bool(true) {
-                out.push_str(&format!("    deleted {}\n", s(f, "path")));
+        for f in &d.old_files {
+            if f.deleted {
+                out.push_str(&format!("    deleted {}\n", f.path));
             } else {
                 out.push_str(&format!(
                     "    kept {}: {}\n",
-                    s(f, "path"),
-                    s(f, "kept_because")
+                    f.path,
+                    f.kept_because.as_deref().unwrap_or_default()
                 ));
             }
         }
@@ -889,46 +938,15 @@ impl Bar {
         }
     }
 
-    fn update(&mut self, p: &Value) {
+    fn update(&mut self, p: &JobProgress) {
         if self.json {
-            println!("{}", json!({"progress": p}));
+            println!("{}", json!({ "progress": p }));
             return;
         }
-        let phase = s(p, "phase");
-        let storage = s(p, "kind") == "storage";
-        let line = if phase == "queued" {
-            format!(
-                "queued: position {} (limit {} {} moves at once), job {}",
-                s(p, "position"),
-                s(p, "limit"),
-                if storage { "storage" } else { "live" },
-                s(p, "job")
-            )
-        } else if storage {
-            storage_line(p, &phase)
-        } else {
-            let sent = p["bytes_sent"].as_f64().unwrap_or(0.0);
-            let left = p["bytes_remaining"].as_f64().unwrap_or(0.0);
-            // The rest of the memory shrinks round by round; once the source paused the
-            // guest, only the handoff is left.
-            let pct = match phase.as_str() {
-                "switchover" | "handoff" | "completed" => 100.0,
-                _ if sent + left > 0.0 => 100.0 * sent / (sent + left),
-                _ => 0.0,
-            };
-            let rate = p["rate_bytes_s"].as_f64().unwrap_or(0.0);
-            let eta = if rate > 0.0 { left / rate } else { 0.0 };
-            let throttle = match p["throttle_percent"].as_u64() {
-                Some(t) if t > 0 => format!("  throttle {t}%"),
-                _ => String::new(),
-            };
-            bar_line(
-                &phase,
-                pct,
-                rate,
-                eta,
-                &format!("round {}{throttle}", s(p, "round")),
-            )
+        let line = match p {
+            JobProgress::Queued(q) => queued_line(q),
+            JobProgress::Storage(s) => storage_line(s),
+            JobProgress::Live(l) => live_line(l),
         };
         if self.tty {
             eprint!("\r\x1b[2K{line}");
@@ -945,34 +963,66 @@ impl Bar {
     }
 }
 
+fn queued_line(q: &QueuedProgress) -> String {
+    format!(
+        "queued: position {} (limit {} {} moves at once), job {}",
+        q.position,
+        q.limit,
+        if q.kind.is_some() { "storage" } else { "live" },
+        q.job
+    )
+}
+
+/// One progress line of a live move: phase, bar over the memory, rate, ETA, round.
+fn live_line(p: &LiveProgress) -> String {
+    let sent = ratio(p.bytes_sent, 1);
+    let left = ratio(p.bytes_remaining, 1);
+    // The rest of the memory shrinks round by round; once the source paused the guest, only
+    // the handoff is left.
+    let pct = match p.phase {
+        LivePhase::Switchover | LivePhase::Handoff | LivePhase::Completed => 100.0,
+        _ if sent + left > 0.0 => 100.0 * sent / (sent + left),
+        _ => 0.0,
+    };
+    let rate = p.rate_bytes_s;
+    let eta = if rate > 0.0 { left / rate } else { 0.0 };
+    let throttle = if p.throttle_percent > 0 {
+        format!("  throttle {}%", p.throttle_percent)
+    } else {
+        String::new()
+    };
+    bar_line(
+        p.phase.as_str(),
+        pct,
+        rate,
+        eta,
+        &format!("round {}{throttle}", p.round),
+    )
+}
+
 /// One progress line of a storage-only move: phase, bar over the bytes to copy, rate, ETA,
 /// disk, round.
-fn storage_line(p: &Value, phase: &str) -> String {
-    let copied = p["bytes_copied"].as_f64().unwrap_or(0.0);
-    let total = p["bytes_total"].as_f64().unwrap_or(0.0);
+fn storage_line(p: &StorageProgress) -> String {
+    let copied = ratio(p.bytes_copied, 1);
+    let total = ratio(p.bytes_total, 1);
     // Dirty rounds copy beyond the estimate: full only once the VM switched.
-    let pct = match phase {
-        "switch" | "release" => 100.0,
+    let pct = match p.phase {
+        StoragePhase::Switch | StoragePhase::Release => 100.0,
         _ if total > 0.0 => (100.0 * copied / total).min(99.9),
         _ => 0.0,
     };
-    let rate = p["rate_bytes_s"].as_f64().unwrap_or(0.0);
+    let rate = ratio(p.rate_bytes_s, 1);
     let eta = if rate > 0.0 {
         (total - copied).max(0.0) / rate
     } else {
         0.0
     };
     bar_line(
-        phase,
+        p.phase.as_str(),
         pct,
         rate,
         eta,
-        &format!(
-            "disk {}/{}  round {}",
-            s(p, "disk_number"),
-            s(p, "disks"),
-            s(p, "round")
-        ),
+        &format!("disk {}/{}  round {}", p.disk_number, p.disks, p.round),
     )
 }
 
@@ -997,45 +1047,60 @@ fn bar_line(phase: &str, pct: f64, rate: f64, eta: f64, tail: &str) -> String {
     )
 }
 
+/// One line of `jobs list`.
+fn job_line(j: &JobInfo) -> String {
+    let detail = match (&j.progress, j.state) {
+        (_, JobState::Queued) => format!(
+            "position {}",
+            j.position.map(|p| p.to_string()).unwrap_or_default()
+        ),
+        (Some(p), JobState::Running) => match p {
+            JobProgress::Live(l) => format!("{} round {}", l.phase.as_str(), l.round),
+            JobProgress::Storage(s) => format!("{} round {}", s.phase.as_str(), s.round),
+            JobProgress::Queued(q) => format!("queued round {}", q.position),
+        },
+        _ => j.outcome.clone().unwrap_or_default(),
+    };
+    format!(
+        "{:<5} {:<8} {:<9} {:<16} {:<10} {:<26} {}",
+        j.id,
+        j.direction.as_str(),
+        j.state.as_str(),
+        j.vm,
+        j.peer,
+        j.user,
+        detail
+    )
+}
+
 /// `vmgate jobs ...`
 pub fn run_jobs(conn: &Connection, cmd: JobsCommand) -> ExitCode {
-    let job_text = |j: &Value| {
-        let progress = &j["progress"];
-        let detail = if s(j, "state") == "queued" {
-            format!("position {}", s(j, "position"))
-        } else if !progress.is_null() && s(j, "state") == "running" {
-            format!("{} round {}", s(progress, "phase"), s(progress, "round"))
-        } else {
-            s(j, "outcome")
-        };
-        format!(
-            "{:<5} {:<8} {:<9} {:<16} {:<10} {:<26} {}",
-            s(j, "id"),
-            s(j, "direction"),
-            s(j, "state"),
-            s(j, "vm"),
-            s(j, "peer"),
-            s(j, "user"),
-            detail
-        )
-    };
     match cmd {
-        JobsCommand::List => finish(conn, call(conn, &Request::JobsList), |v| {
-            let mut out = format!(
-                "{:<5} {:<8} {:<9} {:<16} {:<10} {:<26} {}\n",
-                "ID", "DIR", "STATE", "VM", "PEER", "USER", "DETAIL"
-            );
-            for j in v["jobs"].as_array().into_iter().flatten() {
-                out.push_str(&job_text(j));
-                out.push('\n');
+        JobsCommand::List => finish(conn, call(conn, &Request::JobsList), |r| match r {
+            Response::Jobs { jobs } => {
+                let mut out = format!(
+                    "{:<5} {:<8} {:<9} {:<16} {:<10} {:<26} {}\n",
+                    "ID", "DIR", "STATE", "VM", "PEER", "USER", "DETAIL"
+                );
+                for j in jobs {
+                    out.push_str(&job_line(j));
+                    out.push('\n');
+                }
+                Ok(out)
             }
-            out
+            other => Err(unexpected(other)),
         }),
-        JobsCommand::Show { id } => finish(conn, call(conn, &Request::JobShow { id }), |v| {
-            serde_json::to_string_pretty(v).unwrap_or_default()
-        }),
-        JobsCommand::Cancel { id } => finish(conn, call(conn, &Request::JobCancel { id }), |v| {
-            format!("cancel requested for job {} ({})", s(v, "id"), s(v, "vm"))
-        }),
+        JobsCommand::Show { id } => {
+            finish(conn, call(conn, &Request::JobShow { id }), |r| match r {
+                Response::Job(j) => Ok(serde_json::to_string_pretty(j).unwrap_or_default()),
+                other => Err(unexpected(other)),
+            })
+        }
+        JobsCommand::Cancel { id } => {
+            finish(conn, call(conn, &Request::JobCancel { id }), |r| match r {
+                Response::Job(j) => Ok(format!("cancel requested for job {} ({})", j.id, j.vm)),
+                other => Err(unexpected(other)),
+            })
+        }
     }
 }

@@ -107,19 +107,10 @@ pub fn duplicates(groups: &[(String, Vec<String>)]) -> String {
     out
 }
 
-/// An error with its whole chain of causes on one line: `a: b: c`.
+/// An error with its whole chain of causes on one line: `a: b: c` (the printer every vmgate
+/// binary shares, [`vmgate_control::error::chain`]).
 pub fn error_chain(err: &dyn Error) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        // ldap3 and io errors sometimes repeat their inner error in their own text.
-        if !out.contains(&text) {
-            let _ = write!(out, ": {text}");
-        }
-        source = s.source();
-    }
-    out
+    vmgate_control::error::chain(err)
 }
 
 /// The text printed for a failed command: `PROGRAM: error chain`, and the diagnosis below it.

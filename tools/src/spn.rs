@@ -502,12 +502,12 @@ pub enum SpnCommand {
     },
 }
 
-fn parse_spn(s: &str) -> Result<Spn, String> {
-    Spn::parse(s).map_err(|e| e.to_string())
+fn parse_spn(s: &str) -> Result<Spn, vmgate_auth::spn::SpnError> {
+    Spn::parse(s)
 }
 
-fn parse_pattern(s: &str) -> Result<SpnPattern, String> {
-    SpnPattern::parse(s).map_err(|e| e.to_string())
+fn parse_pattern(s: &str) -> Result<SpnPattern, vmgate_auth::spn::SpnError> {
+    SpnPattern::parse(s)
 }
 
 impl SpnArgs {

@@ -12,7 +12,7 @@
 //! no daemon (`--skip-daemon`); the daemon checks are tested with real vmgated hosts in
 //! tests/moves.rs.
 
-mod common;
+use vmgate_testkit::domain as common;
 
 use std::path::{Path, PathBuf};
 
@@ -734,10 +734,12 @@ fn an_unresolvable_host_fails_and_its_config_resolves_it() {
         &cfg,
         format!(
             "host_name = \"{}\"\nfqdn = \"{}\"\nrealm = \"{}\"\nlisten = [\"127.0.0.22:6601\"]\n\
-             admin_group = \"{GROUP}\"\n[migration]\nauth = \"kerberos\"\n",
+             admin_group = \"{GROUP}\"\n[directory]\nurl = \"{}\"\n\
+             [migration]\nauth = \"kerberos\"\n",
             lab.d.name.to_lowercase(),
             lab.d.fqdn,
-            lab.domain.realm
+            lab.domain.realm,
+            lab.domain.ldap_url
         ),
     )
     .unwrap();

@@ -6,13 +6,11 @@
 //! in the system trust store (`/etc/ssl/certs/ca-certificates.crt`, as update-ca-certificates
 //! writes it). Everything else — the DC for LDAP, the KDCs, host names — comes from DNS.
 
-mod common;
-
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
-use common::{Domain, Outcome};
 use serde_json::Value;
+use vmgate_testkit::domain::{Domain, Outcome};
 
 const REALM: &str = "LAB.EXAMPLE.TEST";
 

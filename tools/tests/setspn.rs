@@ -4,7 +4,7 @@
 //! Every test works on its own uniquely named accounts and SPNs, except the one that registers
 //! the migration SPN on HV2, which holds [`HV2_LOCK`] and restores HV2 afterwards.
 
-mod common;
+use vmgate_testkit::domain as common;
 
 use std::sync::Mutex;
 use std::time::Instant;

@@ -48,9 +48,22 @@ pub fn count_byte(path: &Path, byte: u8) -> usize {
         .count()
 }
 
-/// The `vmgate-vm` binary.
+/// The `vmgate-vm` probe (vmgate-testkit's binary): next to this test's executable, built by
+/// `cargo test --workspace` (tests/run) or `cargo build -p vmgate-testkit`.
 pub fn vmgate_vm() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_vmgate-vm"))
+    let exe = std::env::current_exe().expect("the test's own executable");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>");
+    let path = dir.join("vmgate-vm");
+    assert!(
+        path.exists(),
+        "{} is missing: build it first (cargo build -p vmgate-testkit, or run the tests through \
+         tests/run)",
+        path.display()
+    );
+    path
 }
 
 /// Output of one `vmgate-vm` run.

@@ -20,6 +20,13 @@ struct ConnOptions {
 }
 
 fn main() -> ExitCode {
+    // setspn's flags are Windows setspn's (`-Q` is a query), so its log level comes from
+    // RUST_LOG only.
+    vmgate_control::logging::init(
+        "setspn",
+        tracing::level_filters::LevelFilter::WARN,
+        vmgate_control::logging::LogArgs::default(),
+    );
     let args: Vec<String> = std::env::args().skip(1).collect();
     match spn::parse_setspn_args(&args) {
         Ok(SetspnCommand::Help) => {

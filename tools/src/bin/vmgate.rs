@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use vmgate_control::logging::{self, LogArgs};
 use vmgate_tools::manage::{self, Connection};
 use vmgate_tools::{delegation, doctor, spn};
 
@@ -14,12 +15,15 @@ use vmgate_tools::{delegation, doctor, spn};
 /// to the source"); --remote goes through H's gateway with your ticket instead ("from a
 /// workstation"). Exit codes: 0 done, 1 refused or failed, 2 usage, 3 not found,
 /// 4 unreachable, 5 denied (Kerberos or authorization: the Windows code, cause and fix are
-/// printed).
+/// printed). Diagnostic logging goes to stderr (warnings by default; -v for more, -q for less,
+/// or RUST_LOG).
 #[derive(Debug, Parser)]
 #[command(name = "vmgate", version, about)]
 struct Cli {
     #[command(flatten)]
     conn: Connection,
+    #[command(flatten)]
+    log: LogArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -52,6 +56,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    logging::init("vmgate", tracing::level_filters::LevelFilter::WARN, cli.log);
     match cli.command {
         Command::Vm(c) => manage::run_vm(&cli.conn, c),
         Command::Host(c) => manage::run_host(&cli.conn, c),

@@ -6,15 +6,37 @@
 //! configuration is on this machine, otherwise its gateway with the user's ticket).
 
 use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
 use std::time::Duration;
 
-use vmgate::daemon::local::{HostInfo, MoveSpec, Request, Response, VersionInfo};
 use vmgate_auth::Diagnosis;
 use vmgate_auth::netfilter::NetworkFilter;
 use vmgate_auth::winerr::WinCode;
+use vmgate_control::api::host::{HostInfo, VersionInfo};
+use vmgate_control::api::moves::MoveSpec;
+use vmgate_control::api::{CcacheBlob, ErrorReply, Request, Response};
+use vmgate_control::error::chain;
+use vmgate_control::gateway::GatewayError;
 
 use super::{Check, CheckResult, Context, Status};
 use crate::control::{self, ControlError, HostTarget, Session, Transport};
+
+/// Why a daemon could not be asked.
+#[derive(Debug, thiserror::Error)]
+pub enum AskError {
+    /// It could not be reached (or refused the caller).
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    /// It answered with an error.
+    #[error(transparent)]
+    Refused(Box<ErrorReply>),
+    /// It answered something else than what was asked.
+    #[error("unexpected answer {0}")]
+    Unexpected(String),
+}
+
+/// A shared [`AskError`] (the doctor keeps D's answer for several checks).
+pub type Asked<T> = Result<T, Arc<AskError>>;
 
 /// The daemon checks, in order (appended after the standard ones).
 pub fn checks() -> Vec<Check> {
@@ -47,35 +69,33 @@ pub fn checks() -> Vec<Check> {
     ]
 }
 
-fn session(ctx: &Context, host: &str) -> Result<Session, String> {
-    let target = control::resolve(Some(host), None).map_err(|e| e.to_string())?;
+fn session(ctx: &Context, host: &str) -> Result<Session, ControlError> {
+    let target = control::resolve(Some(host), None)?;
     control::open(
         &target,
         Transport::Auto,
         ctx.settings().user_ccache.as_deref(),
         false,
     )
-    .map_err(|e| e.to_string())
 }
 
-fn host_info(ctx: &Context, host: &str) -> Result<HostInfo, String> {
-    match session(ctx, host)?.call(&Request::HostShow) {
-        Ok(Response::Host(h)) => Ok(*h),
-        Ok(Response::Error(e)) => Err(e.message),
-        Ok(other) => Err(format!("unexpected answer {other:?}")),
-        Err(e) => Err(e.to_string()),
+fn host_info(ctx: &Context, host: &str) -> Result<HostInfo, AskError> {
+    match session(ctx, host)?.call(&Request::HostShow)? {
+        Response::Host(h) => Ok(*h),
+        Response::Error(e) => Err(AskError::Refused(Box::new(e))),
+        other => Err(AskError::Unexpected(format!("{other:?}"))),
     }
 }
 
 /// D's settings, asked once.
-fn destination(ctx: &mut Context) -> Result<HostInfo, String> {
-    if ctx.daemon_d.is_none() {
-        let to = ctx.settings().to.clone();
-        ctx.daemon_d = Some(host_info(ctx, &to));
+fn destination(ctx: &mut Context) -> Asked<HostInfo> {
+    if let Some(asked) = &ctx.daemon_d {
+        return asked.clone();
     }
-    ctx.daemon_d
-        .clone()
-        .unwrap_or_else(|| Err("not asked".into()))
+    let to = ctx.settings().to.clone();
+    let asked = host_info(ctx, &to).map_err(Arc::new);
+    ctx.daemon_d = Some(asked.clone());
+    asked
 }
 
 /// D as the move reaches it: its addresses as `resolve-destination` found them, its DNS name
@@ -101,7 +121,7 @@ fn gateway_target(ctx: &mut Context) -> HostTarget {
 /// Authenticates to D's gateway as the user, the way the move does: TLS, then Kerberos with the
 /// user's ticket for D's migration SPN (which D decrypts with the key in its keytab), bound to
 /// the TLS session, then D's authorization; then asks for D's settings over that channel.
-fn through_gateway(ctx: &mut Context) -> Result<(HostInfo, HostTarget), ControlError> {
+fn through_gateway(ctx: &mut Context) -> Result<(HostInfo, HostTarget), AskError> {
     let target = gateway_target(ctx);
     let mut s = control::open(
         &target,
@@ -111,10 +131,8 @@ fn through_gateway(ctx: &mut Context) -> Result<(HostInfo, HostTarget), ControlE
     )?;
     match s.call(&Request::HostShow)? {
         Response::Host(h) => Ok((*h, target)),
-        Response::Error(e) => Err(ControlError::Unreachable(e.message)),
-        other => Err(ControlError::Unreachable(format!(
-            "unexpected answer {other:?}"
-        ))),
+        Response::Error(e) => Err(AskError::Refused(Box::new(e))),
+        other => Err(AskError::Unexpected(format!("{other:?}"))),
     }
 }
 
@@ -169,7 +187,8 @@ fn reachable(ctx: &mut Context) -> CheckResult {
             )),
             Err(e) => CheckResult::warn(format!(
                 "{to}'s gateway answers, but there is no Kerberos ticket to authenticate to it \
-                 with, and its settings could not be read: {e}"
+                 with, and its settings could not be read: {}",
+                chain(&*e)
             )),
         };
     };
@@ -187,14 +206,16 @@ fn reachable(ctx: &mut Context) -> CheckResult {
             ctx.daemon_d = Some(Ok(h));
             CheckResult::pass(line)
         }
-        Err(ControlError::Denied(d)) => CheckResult::fail(
-            format!(
-                "{to}'s gateway refused {user}: {} ({})",
-                d.code.hex(),
-                d.code.name()
-            ),
-            d,
-        ),
+        Err(AskError::Control(ControlError::Gateway(GatewayError::Denied(d)))) => {
+            CheckResult::fail(
+                format!(
+                    "{to}'s gateway refused {user}: {} ({})",
+                    d.code.hex(),
+                    d.code.name()
+                ),
+                d,
+            )
+        }
         Err(e) => {
             let why = crate::output::error_chain(&e);
             match destination(ctx) {
@@ -215,7 +236,8 @@ fn need_destination(ctx: &mut Context) -> Result<HostInfo, CheckResult> {
     if ctx.status_of("daemon-reachable") != Some(Status::Pass) {
         return Err(CheckResult::skip("D's daemon did not answer"));
     }
-    destination(ctx).map_err(|e| CheckResult::skip(format!("D's settings are unknown: {e}")))
+    destination(ctx)
+        .map_err(|e| CheckResult::skip(format!("D's settings are unknown: {}", chain(&*e))))
 }
 
 fn enabled(ctx: &mut Context) -> CheckResult {
@@ -278,7 +300,7 @@ fn source_allowed(ctx: &mut Context) -> CheckResult {
 /// one, after the others.
 fn add_network_fix(
     host: &str,
-    networks: &[vmgate::daemon::config::MigrationNetwork],
+    networks: &[vmgate_control::config::MigrationNetwork],
     ip: std::net::IpAddr,
 ) -> String {
     let network = |subnet: String, priority: u32| {
@@ -313,7 +335,14 @@ fn versions(ctx: &mut Context) -> CheckResult {
     let from = ctx.settings().from.clone();
     let (s, whose) = match host_info(ctx, &from) {
         Ok(h) => (h.version, format!("{from}'s daemon")),
-        Err(_) => (VersionInfo::current(), "this build".to_owned()),
+        Err(_) => (
+            VersionInfo {
+                daemon: env!("CARGO_PKG_VERSION").to_owned(),
+                protocol: vmgate_control::api::host::PROTOCOL_VERSION,
+                min_protocol: vmgate_control::api::host::MIN_PROTOCOL_VERSION,
+            },
+            "this build".to_owned(),
+        ),
     };
     let dv = &d.version;
     let h = &d.config.host_name;
@@ -366,20 +395,26 @@ fn vm_compatible(ctx: &mut Context) -> CheckResult {
     let from = ctx.settings().from.clone();
     let mut s = match session(ctx, &from) {
         Ok(s) => s,
-        Err(e) => return CheckResult::skip(format!("{from}'s daemon cannot be asked: {e}")),
+        Err(e) => {
+            return CheckResult::skip(format!("{from}'s daemon cannot be asked: {}", chain(&e)));
+        }
     };
     let ccache = if s.is_local() {
         let cc = control::caller_ccache(ctx.settings().user_ccache.as_deref());
         match control::ccache_bytes(&cc) {
-            Ok(b) => Some(vmgate::daemon::local::CcacheBlob::new(b)),
-            Err(e) => return CheckResult::skip(e.to_string()),
+            Ok(b) => Some(CcacheBlob::new(b)),
+            Err(e) => return CheckResult::skip(chain(&e)),
         }
     } else {
         None
     };
     let spec = MoveSpec {
         vm: vm.clone(),
-        to: d.migration_addresses.clone(),
+        to: d
+            .migration_addresses
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
         destination: d.config.fqdn.clone(),
         ccache,
         switch_map: ctx.settings().switch_map.clone(),
@@ -420,14 +455,14 @@ fn vm_compatible(ctx: &mut Context) -> CheckResult {
             ),
         ),
         Ok(other) => CheckResult::warn(format!("unexpected answer {other:?}")),
-        Err(e) => CheckResult::skip(format!("{from}'s daemon cannot be asked: {e}")),
+        Err(e) => CheckResult::skip(format!("{from}'s daemon cannot be asked: {}", chain(&e))),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vmgate::daemon::config::MigrationNetwork;
+    use vmgate_control::config::MigrationNetwork;
 
     #[test]
     fn the_network_fix_adds_to_the_list_instead_of_replacing_it() {

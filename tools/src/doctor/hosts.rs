@@ -10,42 +10,26 @@
 //!
 //! (The same resolution as the CLI's `--host`, see the CLI spec.) The port defaults to 6600.
 //!
-//! The configuration reader takes the few keys the doctor needs (`host_name`, `fqdn`, `realm`,
-//! `keytab`, `account`, `listen`, `spn_class`, `admin_group`, `[migration] auth`) from a TOML
-//! file of the shape `etc/vmgated.toml` shows: one `key = value` a line, strings and one-line
-//! (or multi-line) arrays of strings. It does not validate the file — `vmgated --config FILE
-//! --check` does — and ignores every other key.
+//! A configuration file is read with the daemon's own parser ([`vmgate_control::config`]): a
+//! file `vmgated --check` refuses is refused here too, with the same message.
 
-use std::io::Read;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 
-/// The gateway's default port (Hyper-V's 6600).
-pub const DEFAULT_PORT: u16 = 6600;
-/// The largest configuration file read.
-const MAX_CONFIG: u64 = 1024 * 1024;
+pub use vmgate_control::DEFAULT_PORT;
+use vmgate_control::config::{Config, ConfigError};
 
 /// Errors of reading a host's configuration or address.
 #[derive(Debug, thiserror::Error)]
 pub enum HostsError {
-    /// The file cannot be read.
+    /// The file cannot be read, or is not a valid vmgated configuration.
     #[error("cannot read the vmgated configuration {}", path.display())]
-    Read {
+    Config {
         /// The file.
         path: PathBuf,
         /// Why.
         #[source]
-        source: std::io::Error,
-    },
-    /// A line cannot be read as `key = value`.
-    #[error("{}:{line}: {problem}", path.display())]
-    Syntax {
-        /// The file.
-        path: PathBuf,
-        /// The line number.
-        line: usize,
-        /// What is wrong.
-        problem: String,
+        source: ConfigError,
     },
     /// An address is not `IP` or `IP:PORT`.
     #[error("\"{0}\" is not an address: give IP or IP:PORT ([v6]:PORT)")]
@@ -89,170 +73,28 @@ pub fn parse_address(text: &str) -> Result<SocketAddr, HostsError> {
         .map_err(|_| HostsError::BadAddress(text.to_owned()))
 }
 
-/// A TOML string value (`"..."` with the usual escapes, or `'...'`); `None` if not one.
-fn toml_string(v: &str) -> Option<(String, &str)> {
-    if let Some(rest) = v.strip_prefix('\'') {
-        let end = rest.find('\'')?;
-        return Some((rest.get(..end)?.to_owned(), rest.get(end + 1..)?));
-    }
-    let rest = v.strip_prefix('"')?;
-    let mut out = String::new();
-    let mut chars = rest.char_indices();
-    while let Some((i, c)) = chars.next() {
-        match c {
-            '"' => return Some((out, rest.get(i + 1..)?)),
-            '\\' => match chars.next()?.1 {
-                'n' => out.push('\n'),
-                't' => out.push('\t'),
-                '"' => out.push('"'),
-                '\\' => out.push('\\'),
-                other => {
-                    out.push('\\');
-                    out.push(other);
-                }
-            },
-            c => out.push(c),
-        }
-    }
-    None
-}
-
-/// The part of a line before a `#` that is outside strings.
-fn strip_comment(line: &str) -> &str {
-    let mut in_basic = false;
-    let mut in_literal = false;
-    let mut escaped = false;
-    for (i, c) in line.char_indices() {
-        match c {
-            _ if escaped => escaped = false,
-            '\\' if in_basic => escaped = true,
-            '"' if !in_literal => in_basic = !in_basic,
-            '\'' if !in_basic => in_literal = !in_literal,
-            '#' if !in_basic && !in_literal => return line.get(..i).unwrap_or(line),
-            _ => {}
-        }
-    }
-    line
-}
-
-fn string_array(mut v: &str) -> Option<Vec<String>> {
-    v = v.trim().strip_prefix('[')?.trim_start();
-    let mut out = Vec::new();
-    loop {
-        if let Some(rest) = v.strip_prefix(']') {
-            return rest.trim().is_empty().then_some(out);
-        }
-        let (s, rest) = toml_string(v)?;
-        out.push(s);
-        v = rest.trim_start();
-        v = v.strip_prefix(',').unwrap_or(v).trim_start();
-    }
-}
-
 impl HostConfig {
-    /// Reads `path` (bounded).
+    /// Reads and checks `path` with the daemon's parser. The optional keys are the ones the
+    /// file sets: another host's defaults (its keytab) are not this machine's files.
     pub fn load(path: &Path) -> Result<HostConfig, HostsError> {
-        let err = |source| HostsError::Read {
+        let file = Config::load_file(path).map_err(|source| HostsError::Config {
             path: path.to_owned(),
             source,
-        };
-        let f = std::fs::File::open(path).map_err(err)?;
-        let mut text = String::new();
-        f.take(MAX_CONFIG).read_to_string(&mut text).map_err(err)?;
-        HostConfig::parse(path, &text)
-    }
-
-    /// Reads the keys the doctor needs from `text`.
-    pub fn parse(path: &Path, text: &str) -> Result<HostConfig, HostsError> {
-        let mut out = HostConfig {
+        })?;
+        let c = &file.config;
+        let set = |key: &str| file.sets(key);
+        Ok(HostConfig {
             path: path.to_owned(),
-            ..HostConfig::default()
-        };
-        let mut table = String::new();
-        let mut pending: Option<(String, String, usize)> = None;
-        for (n, raw) in text.lines().enumerate() {
-            let line = strip_comment(raw).trim();
-            if let Some((key, mut value, start)) = pending.take() {
-                value.push(' ');
-                value.push_str(line);
-                if line.ends_with(']') {
-                    out.set(path, &table, &key, &value, start)?;
-                } else {
-                    pending = Some((key, value, start));
-                }
-                continue;
-            }
-            if line.is_empty() {
-                continue;
-            }
-            if line.starts_with('[') {
-                table = line.trim_matches(['[', ']']).trim().to_owned();
-                continue;
-            }
-            let Some((key, value)) = line.split_once('=') else {
-                return Err(HostsError::Syntax {
-                    path: path.to_owned(),
-                    line: n + 1,
-                    problem: "expected `key = value`".into(),
-                });
-            };
-            let (key, value) = (key.trim().to_owned(), value.trim().to_owned());
-            if value.starts_with('[') && !value.ends_with(']') {
-                pending = Some((key, value, n + 1));
-                continue;
-            }
-            out.set(path, &table, &key, &value, n + 1)?;
-        }
-        if let Some((_, _, start)) = pending {
-            return Err(HostsError::Syntax {
-                path: path.to_owned(),
-                line: start,
-                problem: "an array that is never closed".into(),
-            });
-        }
-        Ok(out)
-    }
-
-    fn set(
-        &mut self,
-        path: &Path,
-        table: &str,
-        key: &str,
-        value: &str,
-        line: usize,
-    ) -> Result<(), HostsError> {
-        let syntax = |problem: String| HostsError::Syntax {
-            path: path.to_owned(),
-            line,
-            problem,
-        };
-        let string = || {
-            toml_string(value)
-                .filter(|(_, rest)| rest.trim().is_empty())
-                .map(|(s, _)| s)
-                .ok_or_else(|| syntax(format!("`{key}` must be a string")))
-        };
-        match (table, key) {
-            ("", "host_name") => self.host_name = Some(string()?),
-            ("", "fqdn") => self.fqdn = Some(string()?),
-            ("", "realm") => self.realm = Some(string()?),
-            ("", "keytab") => self.keytab = Some(PathBuf::from(string()?)),
-            ("", "account") => self.account = Some(string()?),
-            ("", "spn_class") => self.spn_class = Some(string()?),
-            ("", "admin_group") => self.admin_group = Some(string()?),
-            ("migration", "auth") => self.auth = Some(string()?),
-            ("", "listen") => {
-                let items = string_array(value)
-                    .ok_or_else(|| syntax("`listen` must be an array of strings".into()))?;
-                self.listen = items
-                    .iter()
-                    .map(|a| parse_address(a))
-                    .collect::<Result<_, _>>()
-                    .map_err(|e| syntax(format!("`listen`: {e}")))?;
-            }
-            _ => {}
-        }
-        Ok(())
+            host_name: Some(c.host_name.clone()),
+            fqdn: Some(c.fqdn.clone()),
+            realm: Some(c.realm.clone()),
+            keytab: set("keytab").then(|| c.keytab.clone()),
+            account: set("account").then(|| c.account.clone()),
+            listen: c.listen.clone(),
+            spn_class: set("spn_class").then(|| c.spn_class.clone()),
+            admin_group: set("admin_group").then(|| c.admin_group.clone()),
+            auth: set("migration.auth").then(|| c.migration.auth.as_str().to_owned()),
+        })
     }
 }
 
@@ -305,7 +147,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reads_the_keys_it_needs_and_ignores_the_rest() {
+    fn reads_the_keys_it_needs_with_the_daemons_parser() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
         let text = r#"
 # comment
 host_name = "hv2"   # trailing
@@ -321,11 +165,15 @@ url = "ldap://dc1"
 [migration]
 auth = "credssp"
 enabled = true
+any_network = true
 "#;
-        let c = HostConfig::parse(Path::new("c.toml"), text).unwrap();
+        std::fs::write(&path, text).unwrap();
+        let c = HostConfig::load(&path).unwrap();
         assert_eq!(c.host_name.as_deref(), Some("hv2"));
         assert_eq!(c.realm.as_deref(), Some("LAB.EXAMPLE.TEST"));
         assert_eq!(c.keytab, Some(PathBuf::from("/etc/vmgate/hv2.keytab")));
+        // Not set in the file: the daemon's default is that host's, not the doctor's.
+        assert_eq!(c.account, None);
         assert_eq!(
             c.listen,
             vec![
@@ -336,13 +184,23 @@ enabled = true
         );
         assert_eq!(c.admin_group.as_deref(), Some("Hyper-V \"Admins\" #1"));
         assert_eq!(c.auth.as_deref(), Some("credssp"));
-        assert!(matches!(
-            HostConfig::parse(Path::new("c"), "host_name = 3\n"),
-            Err(HostsError::Syntax { line: 1, .. })
-        ));
-        assert!(HostConfig::parse(Path::new("c"), "listen = [\"1.2.3.4\"\n").is_err());
-        assert!(HostConfig::parse(Path::new("c"), "listen = [\"nope\"]\n").is_err());
-        assert!(HostConfig::parse(Path::new("c"), "just words\n").is_err());
+        // What vmgated refuses, the doctor refuses, with the parser's message.
+        for bad in [
+            "host_name = 3\n",
+            "listen = [\"1.2.3.4\"\n",
+            "listen = [\"nope\"]\n",
+            "just words\n",
+        ] {
+            std::fs::write(&path, bad).unwrap();
+            let e = HostConfig::load(&path).unwrap_err();
+            assert!(matches!(e, HostsError::Config { .. }), "{bad}: {e:?}");
+        }
+        let e = HostConfig::load(&dir.path().join("none.toml")).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("cannot read the vmgated configuration"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -443,7 +443,7 @@ pub struct Context {
     kdc: Option<Result<kdc::KdcTime, kdc::KdcError>>,
     directory: Option<Result<Directory, ConnError>>,
     gathered: Option<Result<Gathered, DelegationError>>,
-    daemon_d: Option<Result<vmgate::daemon::local::HostInfo, String>>,
+    daemon_d: Option<daemon::Asked<vmgate_control::api::host::HostInfo>>,
 }
 
 impl Context {
