@@ -659,3 +659,75 @@ async fn a_guest_on_a_three_layer_chain_moves_with_its_parents_and_a_second_reus
         }
     }
 }
+
+/// A dialer whose stream links can all be cut at once (a network failure).
+struct CuttingDialer {
+    inner: TestDialer,
+    closers: Arc<std::sync::Mutex<Vec<Arc<dyn LinkCloser>>>>,
+}
+
+impl Dialer for CuttingDialer {
+    fn dial(&mut self) -> Result<Link, Box<dyn std::error::Error + Send + Sync>> {
+        let l = self.inner.dial()?;
+        self.closers.lock().unwrap().push(Arc::clone(&l.closer));
+        Ok(l)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn links_cut_in_the_middle_leave_the_guest_running_on_the_source_only() {
+    let t = TestHost::new(vec![]).await;
+    t.qcow2("linux/shared.qcow2", "64M");
+    let vm = guest(&t, "mv-cut", "linux/shared.qcow2");
+    let src = boot(&t, &vm).await;
+    let before = src.guest_status().await.unwrap();
+    let dest_host = host_at(&t, &t.root, "run-dst").await;
+    let _reaper = Reaper(vec![dest_host.vm_run_dir("mv-cut").join("qemu.pid")]);
+    let dest = QemuDestination::new(dest_host.clone(), QemuDestinationOptions::default());
+    let rt = tokio::runtime::Handle::current();
+    let (control, served) = connect(&dest, &rt);
+    let closers: Arc<std::sync::Mutex<Vec<Arc<dyn LinkCloser>>>> = Arc::default();
+    let cut = Arc::clone(&closers);
+    let mut progress = move |p: &moves::Progress| {
+        if p.phase == Phase::PreCopy && p.bytes_sent > 0 {
+            for c in cut.lock().unwrap().iter() {
+                c.close();
+            }
+        }
+    };
+    let err = moves::move_vm(
+        &t.host,
+        &src,
+        &vm,
+        control,
+        Box::new(CuttingDialer {
+            inner: TestDialer {
+                dest: dest.clone(),
+                rt: rt.clone(),
+            },
+            closers: Arc::clone(&closers),
+        }),
+        &QemuMoveOptions {
+            multifd_channels: 2,
+            bandwidth_limit: Some(8 << 20),
+            ..QemuMoveOptions::default()
+        },
+        &CancelToken::new(),
+        &mut progress,
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, MoveError::Failed { .. }), "{err}");
+    assert!(err.vm_runs_here(), "{err}");
+    assert!(!closers.lock().unwrap().is_empty(), "streams were cut");
+    assert!(matches!(served.await.unwrap(), QemuReceived::Discarded(_)));
+    // Exactly one guest: the source's, running on, writing its disk, checks passing.
+    assert_eq!(src.state().await, VmState::Running);
+    let after = src.guest_status().await.unwrap();
+    assert_eq!(after.boot_id, before.boot_id);
+    assert!(after.disk.unwrap().durable_seq > before.disk.unwrap().durable_seq);
+    assert!(src.guest_check().await.unwrap().passed());
+    assert_eq!(dest.active(), 0);
+    assert!(!dest_host.vm_run_dir("mv-cut").exists());
+    assert_eq!(src.power_off().await.unwrap().kind, ExitKind::PoweredOff);
+}
