@@ -507,3 +507,227 @@ async fn a_storage_only_move_switches_the_running_guest_to_new_files_on_its_chai
     let check = tool("qemu-img", &["check", new_top.to_str().unwrap()]);
     assert!(check.contains("No errors were found"), "{check}");
 }
+
+/// `qemu-img create -f qcow2 -b BACKING -F qcow2 PATH` (the reference as written: relative
+/// references name a file beside the image).
+fn child(path: &Path, backing: &str) {
+    tool(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            backing,
+            "-F",
+            "qcow2",
+            path.to_str().unwrap(),
+        ],
+    );
+}
+
+/// Moves `vm` with its storage to `d`, the active layer to the same relative path.
+async fn move_with_storage(
+    t: &TestHost,
+    src: &QemuVm,
+    vm: &ValidatedVm,
+    dest: &QemuDestination,
+    top: &str,
+) -> (moves::MoveStats, QemuVm) {
+    let rt = tokio::runtime::Handle::current();
+    let (control, served) = connect(dest, &rt);
+    let stats = moves::move_vm(
+        &t.host,
+        src,
+        vm,
+        control,
+        Box::new(TestDialer {
+            dest: dest.clone(),
+            rt: rt.clone(),
+        }),
+        &QemuMoveOptions {
+            storage: MoveStorage::Copy {
+                disks: vec![top.into()],
+                keep_source: false,
+            },
+            ..QemuMoveOptions::default()
+        },
+        &CancelToken::new(),
+        &mut no_progress(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("the move failed: {}", chain(&e)));
+    let QemuReceived::Vm(arrived) = served.await.unwrap() else {
+        panic!("the guest did not arrive");
+    };
+    (stats, arrived.vm)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_on_a_three_layer_chain_moves_with_its_parents_and_a_second_reuses_them() {
+    let t = TestHost::new(vec![]).await;
+    let d = TestHost::new(vec![]).await;
+    let base = t.qcow2("linux/base.qcow2", "64M");
+    // Data only the base holds, far from the region the guest writes.
+    tool(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x5a 32M 1M",
+            base.to_str().unwrap(),
+        ],
+    );
+    let mid = t.root.join("linux/mid.qcow2");
+    child(&mid, "base.qcow2");
+    tool(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0xa5 40M 1M",
+            mid.to_str().unwrap(),
+        ],
+    );
+    child(&t.root.join("linux/top1.qcow2"), "mid.qcow2");
+    child(&t.root.join("linux/top2.qcow2"), "mid.qcow2");
+    let vm1 = guest(&t, "mv-chain1", "linux/top1.qcow2");
+    let vm2 = guest(&t, "mv-chain2", "linux/top2.qcow2");
+    let dest = QemuDestination::new(d.host.clone(), QemuDestinationOptions::default());
+    let _reaper = Reaper(vec![
+        d.host.vm_run_dir("mv-chain1").join("qemu.pid"),
+        d.host.vm_run_dir("mv-chain2").join("qemu.pid"),
+    ]);
+
+    let src1 = boot(&t, &vm1).await;
+    let before = src1.guest_status().await.unwrap();
+    let (stats, moved1) = move_with_storage(&t, &src1, &vm1, &dest, "linux/top1.qcow2").await;
+    let parents_len =
+        std::fs::metadata(&base).unwrap().len() + std::fs::metadata(&mid).unwrap().len();
+    assert_eq!(
+        stats.disk_parent_bytes_sent, parents_len,
+        "both parents crossed once"
+    );
+    assert_eq!(stats.disk_bytes_reused, 0);
+    assert_eq!(stats.source_parents, vec![mid.clone(), base.clone()]);
+    assert!(base.exists() && mid.exists(), "the source's parents stay");
+    let after = moved1.guest_status().await.unwrap();
+    assert_eq!(after.boot_id, before.boot_id);
+    assert!(moved1.guest_check().await.unwrap().passed());
+
+    // A second VM on the same parents: nothing of them crosses again.
+    let src2 = boot(&t, &vm2).await;
+    let (stats2, moved2) = move_with_storage(&t, &src2, &vm2, &dest, "linux/top2.qcow2").await;
+    assert_eq!(stats2.disk_parent_bytes_sent, 0, "the parents were reused");
+    assert_eq!(stats2.disk_bytes_reused, parents_len);
+    assert!(moved2.guest_check().await.unwrap().passed());
+
+    moved1.shutdown(Duration::from_secs(60)).await.unwrap();
+    moved2.shutdown(Duration::from_secs(60)).await.unwrap();
+    // The chains are valid at the destination, inside its root, with the parents' data.
+    for top in ["linux/top1.qcow2", "linux/top2.qcow2"] {
+        let top = d.root.join(top);
+        let info = tool(
+            "qemu-img",
+            &["info", "--backing-chain", top.to_str().unwrap()],
+        );
+        for layer in ["linux/mid.qcow2", "linux/base.qcow2"] {
+            assert!(
+                info.contains(d.root.join(layer).to_str().unwrap()),
+                "{layer} in the chain: {info}"
+            );
+        }
+        assert!(!info.contains(t.root.to_str().unwrap()), "{info}");
+        let check = tool("qemu-img", &["check", top.to_str().unwrap()]);
+        assert!(check.contains("No errors were found"), "{check}");
+        for (pattern, at) in [("0x5a", "32M"), ("0xa5", "40M")] {
+            let out = tool(
+                "qemu-io",
+                &[
+                    "-r",
+                    "-f",
+                    "qcow2",
+                    "-c",
+                    &format!("read -P {pattern} {at} 1M"),
+                    top.to_str().unwrap(),
+                ],
+            );
+            assert!(!out.contains("Pattern verification failed"), "{out}");
+        }
+    }
+}
+
+/// A dialer whose stream links can all be cut at once (a network failure).
+struct CuttingDialer {
+    inner: TestDialer,
+    closers: Arc<std::sync::Mutex<Vec<Arc<dyn LinkCloser>>>>,
+}
+
+impl Dialer for CuttingDialer {
+    fn dial(&mut self) -> Result<Link, Box<dyn std::error::Error + Send + Sync>> {
+        let l = self.inner.dial()?;
+        self.closers.lock().unwrap().push(Arc::clone(&l.closer));
+        Ok(l)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn links_cut_in_the_middle_leave_the_guest_running_on_the_source_only() {
+    let t = TestHost::new(vec![]).await;
+    t.qcow2("linux/shared.qcow2", "64M");
+    let vm = guest(&t, "mv-cut", "linux/shared.qcow2");
+    let src = boot(&t, &vm).await;
+    let before = src.guest_status().await.unwrap();
+    let dest_host = host_at(&t, &t.root, "run-dst").await;
+    let _reaper = Reaper(vec![dest_host.vm_run_dir("mv-cut").join("qemu.pid")]);
+    let dest = QemuDestination::new(dest_host.clone(), QemuDestinationOptions::default());
+    let rt = tokio::runtime::Handle::current();
+    let (control, served) = connect(&dest, &rt);
+    let closers: Arc<std::sync::Mutex<Vec<Arc<dyn LinkCloser>>>> = Arc::default();
+    let cut = Arc::clone(&closers);
+    let mut progress = move |p: &moves::Progress| {
+        if p.phase == Phase::PreCopy && p.bytes_sent > 0 {
+            for c in cut.lock().unwrap().iter() {
+                c.close();
+            }
+        }
+    };
+    let err = moves::move_vm(
+        &t.host,
+        &src,
+        &vm,
+        control,
+        Box::new(CuttingDialer {
+            inner: TestDialer {
+                dest: dest.clone(),
+                rt: rt.clone(),
+            },
+            closers: Arc::clone(&closers),
+        }),
+        &QemuMoveOptions {
+            multifd_channels: 2,
+            bandwidth_limit: Some(8 << 20),
+            ..QemuMoveOptions::default()
+        },
+        &CancelToken::new(),
+        &mut progress,
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, MoveError::Failed { .. }), "{err}");
+    assert!(err.vm_runs_here(), "{err}");
+    assert!(!closers.lock().unwrap().is_empty(), "streams were cut");
+    assert!(matches!(served.await.unwrap(), QemuReceived::Discarded(_)));
+    // Exactly one guest: the source's, running on, writing its disk, checks passing.
+    assert_eq!(src.state().await, VmState::Running);
+    let after = src.guest_status().await.unwrap();
+    assert_eq!(after.boot_id, before.boot_id);
+    assert!(after.disk.unwrap().durable_seq > before.disk.unwrap().durable_seq);
+    assert!(src.guest_check().await.unwrap().passed());
+    assert_eq!(dest.active(), 0);
+    assert!(!dest_host.vm_run_dir("mv-cut").exists());
+    assert_eq!(src.power_off().await.unwrap().kind, ExitKind::PoweredOff);
+}

@@ -292,6 +292,7 @@ impl QemuDestination {
             created: Vec::new(),
             vm: None,
             run_dir: None,
+            plan: Vec::new(),
         };
         let (received, outcome) = s.run(move_id, &peer).await;
         beat.abort();
@@ -326,6 +327,21 @@ struct Session<'a> {
     vm: Option<QemuVm>,
     /// The VM's runtime folder when this move created it.
     run_dir: Option<PathBuf>,
+    /// Shared-nothing: where each disk's parents go, and which are here already.
+    plan: Vec<Vec<ParentPlan>>,
+}
+
+/// A parent to receive: its place, its partial name, its length and SHA-256.
+type Incoming = (PathBuf, PathBuf, u64, [u8; 32]);
+
+/// A read-only parent of an arriving disk.
+struct ParentPlan {
+    /// Where it goes (beside the disk's active layer).
+    path: PathBuf,
+    /// An identical file is there already (or arrives for another disk): nothing is sent.
+    reuse: bool,
+    /// As offered.
+    offer: wire::LayerOffer,
 }
 
 enum Next {
@@ -377,8 +393,12 @@ impl Session<'_> {
             });
             return (QemuReceived::Refused(report), Outcome::Discarded);
         }
-        self.ctl
-            .send(&Message::Accepted(Accepted { reuse: Vec::new() }));
+        let reuse = self
+            .plan
+            .iter()
+            .map(|d| d.iter().map(|p| p.reuse).collect())
+            .collect();
+        self.ctl.send(&Message::Accepted(Accepted { reuse }));
         match self
             .next(opts.link_timeout.max(Duration::from_secs(60)))
             .await
@@ -496,8 +516,8 @@ impl Session<'_> {
         }
     }
 
-    /// Every problem of the offer on this host.
-    async fn check(&self, offer: &Offer) -> Vec<Problem> {
+    /// Every problem of the offer on this host; the plan of the parents.
+    async fn check(&mut self, offer: &Offer) -> Vec<Problem> {
         let host = &self.shared.host;
         let def = &offer.definition;
         let mut out = Vec::new();
@@ -618,7 +638,13 @@ impl Session<'_> {
                             p.display()
                         ),
                     }),
-                    Ok(_) => {}
+                    Ok(top) => match self.plan_parents(i, &top, offer).await {
+                        Ok(plan) => self.plan.push(plan),
+                        Err(message) => out.push(Problem {
+                            id: ids::STORAGE,
+                            message,
+                        }),
+                    },
                     Err(e) => out.push(Problem {
                         id: ids::STORAGE,
                         message: format!("disk[{i}].path: {}", chain(&e)),
@@ -632,6 +658,194 @@ impl Session<'_> {
         out
     }
 
+    /// Where disk `i`'s parents go (beside its active layer `top`, under their own names),
+    /// and which are here already, identical.
+    async fn plan_parents(
+        &self,
+        i: usize,
+        top: &std::path::Path,
+        offer: &Offer,
+    ) -> Result<Vec<ParentPlan>, String> {
+        let OfferStorage::Copy { disks } = &offer.storage else {
+            return Ok(Vec::new());
+        };
+        let Some(d) = disks.get(i) else {
+            return Ok(Vec::new());
+        };
+        let folder = top.parent().unwrap_or(top);
+        let parents = d.layers.len().saturating_sub(1);
+        let mut out: Vec<ParentPlan> = Vec::new();
+        for (k, layer) in d.layers.iter().take(parents).enumerate() {
+            let name = &layer.name;
+            if name.is_empty()
+                || name.len() > 255
+                || name == "."
+                || name == ".."
+                || name.contains('/')
+                || name.chars().any(char::is_control)
+            {
+                return Err(format!(
+                    "disk[{i}] backing file {k}: {name:?} is not a file name"
+                ));
+            }
+            let Some(sum) = layer.checksum else {
+                return Err(format!("disk[{i}] backing file {k}: no checksum offered"));
+            };
+            let path = self
+                .shared
+                .host
+                .resolve_new_file(&folder.join(name).to_string_lossy())
+                .map_err(|e| format!("disk[{i}] backing file {k}: {}", chain(&e)))?;
+            // The same parent for an earlier disk of this move.
+            let earlier = self
+                .plan
+                .iter()
+                .flatten()
+                .chain(out.iter())
+                .find(|p| p.path == path)
+                .map(|p| p.offer.checksum == Some(sum));
+            let reuse = match earlier {
+                Some(true) => true,
+                Some(false) => {
+                    return Err(format!(
+                        "disk[{i}] backing file {k}: two different parents would be {}",
+                        path.display()
+                    ));
+                }
+                None if std::fs::symlink_metadata(&path).is_ok() => {
+                    let p = path.clone();
+                    let here = tokio::task::spawn_blocking(move || crate::disk::file_checksum(&p))
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .map_err(|e| format!("{}: {}", path.display(), chain(&e)))?;
+                    if here.0 != sum.0 {
+                        return Err(format!(
+                            "disk[{i}] backing file {k}: {} exists on this host with other contents",
+                            path.display()
+                        ));
+                    }
+                    true
+                }
+                None => false,
+            };
+            out.push(ParentPlan {
+                path,
+                reuse,
+                offer: layer.clone(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Receives the parents the plan copies, each on its stream, checked and made durable
+    /// under a partial name, then renamed into place; backing references rewritten where the
+    /// source's do not name the parent beside them.
+    async fn receive_parents(&mut self) -> Result<u64, String> {
+        let mut needed: HashMap<(u8, u8), Incoming> = HashMap::new();
+        for (d, parents) in self.plan.iter().enumerate() {
+            for (k, p) in parents.iter().enumerate() {
+                if p.reuse {
+                    continue;
+                }
+                let key = (
+                    u8::try_from(d).map_err(|_| "too many disks")?,
+                    u8::try_from(k).map_err(|_| "too many layers")?,
+                );
+                let mut partial = p.path.clone().into_os_string();
+                partial.push(".vmgate-partial");
+                let sum = p.offer.checksum.map(|c| c.0).unwrap_or_default();
+                needed.insert(
+                    key,
+                    (p.path.clone(), partial.into(), p.offer.file_size, sum),
+                );
+            }
+        }
+        let mut joins = tokio::task::JoinSet::new();
+        let mut bytes = 0u64;
+        let mut open = needed.len();
+        let link_timeout = self.shared.opts.link_timeout;
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        while open > 0 {
+            tokio::select! {
+                Some((kind, l)) = self.streams.recv() => {
+                    let job = match kind {
+                        StreamKind::Parent { disk, layer } => needed.remove(&(disk, layer)),
+                        _ => None,
+                    };
+                    match job {
+                        Some((path, partial, size, sum)) => {
+                            self.created.push(partial.clone());
+                            joins.spawn_blocking(move || {
+                                receive_parent(l, &partial, size, sum)?;
+                                std::fs::rename(&partial, &path)
+                                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                                Ok::<(PathBuf, PathBuf, u64), String>((partial, path, size))
+                            });
+                        }
+                        None => {
+                            tokio::task::spawn_blocking(move || {
+                                answer_and_close(l, &Message::Refused { reason: format!("{kind} is not expected now") });
+                            });
+                        }
+                    }
+                }
+                Some(done) = joins.join_next() => {
+                    let (partial, path, size) = done.map_err(|e| e.to_string())??;
+                    for c in &mut self.created {
+                        if *c == partial {
+                            c.clone_from(&path);
+                        }
+                    }
+                    bytes += size;
+                    open -= 1;
+                }
+                ev = self.ctl.recv() => match ev {
+                    ControlEvent::Message(Message::Ping(_) | Message::Pong(_)) => {}
+                    ControlEvent::Message(Message::Cancel { reason }) => return Err(format!("the source cancelled: {reason}")),
+                    ControlEvent::Message(m) => return Err(format!("unexpected {} while the parents arrive", m.name())),
+                    ControlEvent::Closed(why) => return Err(format!("the link to the source ended: {why}")),
+                },
+                _ = tick.tick() => {
+                    if self.ctl.silence() > link_timeout {
+                        return Err(format!("the source was silent for {} s", link_timeout.as_secs()));
+                    }
+                }
+            }
+        }
+        // Each copied parent names the one beside it.
+        for parents in &self.plan {
+            for (k, p) in parents.iter().enumerate().skip(1) {
+                let Some(below) = parents.get(k - 1) else {
+                    continue;
+                };
+                let wanted = PathBuf::from(&below.offer.name);
+                if p.reuse || p.offer.backing.as_ref() == Some(&wanted) {
+                    continue;
+                }
+                let fmt = match below.offer.format {
+                    crate::disk::DiskFormat::Raw => "raw",
+                    crate::disk::DiskFormat::Qcow2 => "qcow2",
+                };
+                let out = tokio::process::Command::new(super::qemu_img(&self.shared.host))
+                    .args(["rebase", "-u", "-b"])
+                    .arg(&wanted)
+                    .args(["-F", fmt])
+                    .arg(&p.path)
+                    .output()
+                    .await
+                    .map_err(|e| format!("cannot run qemu-img: {e}"))?;
+                if !out.status.success() {
+                    return Err(format!(
+                        "{}: qemu-img rebase: {}",
+                        p.path.display(),
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    ));
+                }
+            }
+        }
+        Ok(bytes)
+    }
+
     /// Creates the disks (shared-nothing), starts QEMU waiting for the stream, opens the NBD
     /// exports.
     async fn prepare(&mut self, offer: &Offer) -> Result<ValidatedVm, String> {
@@ -639,12 +853,25 @@ impl Session<'_> {
         let host = &shared.host;
         let def = &offer.definition;
         if let OfferStorage::Copy { disks } = &offer.storage {
+            self.receive_parents().await?;
             for (i, (d, o)) in def.disks.iter().zip(disks).enumerate() {
                 let path = host
                     .resolve_new_file(&d.path)
                     .map_err(|e| format!("disk[{i}].path: {}", chain(&e)))?;
                 let size = o.layers.last().map_or(0, |l| l.virtual_size);
-                create_image(host, &path, d.format, size, None).await?;
+                let parent = self
+                    .plan
+                    .get(i)
+                    .and_then(|p| p.last())
+                    .map(|p| (p.path.clone(), p.offer.format));
+                create_image(
+                    host,
+                    &path,
+                    d.format,
+                    size,
+                    parent.as_ref().map(|(p, f)| (p.as_path(), *f)),
+                )
+                .await?;
                 self.created.push(path);
             }
         }
@@ -797,4 +1024,64 @@ impl Session<'_> {
             let _ = std::fs::remove_dir_all(&d);
         }
     }
+}
+
+/// Receives one parent file on its stream (blocking): chunks until the end marker, at most
+/// `size` bytes, written to `partial` (created, never overwritten), made durable, checked
+/// against its SHA-256; then StreamDone.
+fn receive_parent(
+    mut l: Link,
+    partial: &std::path::Path,
+    size: u64,
+    sum: [u8; 32],
+) -> Result<(), String> {
+    use sha2::{Digest, Sha256};
+    use std::io::{Read, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    let result = (|| {
+        wire::write_message(&mut *l.writer, &Message::StreamAccepted).map_err(|e| chain(&e))?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(partial)
+            .map_err(|e| format!("{}: {e}", partial.display()))?;
+        let mut hasher = Sha256::new();
+        let mut total = 0u64;
+        let mut buf = Vec::new();
+        loop {
+            match wire::read_chunk_len(&mut *l.reader) {
+                Ok(Some(n)) => {
+                    total += n as u64;
+                    if total > size {
+                        return Err(format!("more than the {size} bytes offered arrived"));
+                    }
+                    buf.resize(n, 0);
+                    l.reader
+                        .read_exact(&mut buf)
+                        .map_err(|e| format!("the parent's stream broke: {e}"))?;
+                    hasher.update(&buf);
+                    f.write_all(&buf)
+                        .map_err(|e| format!("{}: {e}", partial.display()))?;
+                }
+                Ok(None) => break,
+                Err(e) => return Err(format!("the parent's stream broke: {}", chain(&e))),
+            }
+        }
+        f.sync_all()
+            .map_err(|e| format!("{}: {e}", partial.display()))?;
+        if total != size {
+            return Err(format!("{total} bytes arrived of the {size} offered"));
+        }
+        if hasher.finalize().as_slice() != sum.as_slice() {
+            return Err("the parent arrived with another SHA-256 than offered".into());
+        }
+        wire::write_message(&mut *l.writer, &Message::StreamDone).map_err(|e| chain(&e))?;
+        Ok(())
+    })();
+    if let Err(e) = &result {
+        let _ = wire::write_message(&mut *l.writer, &Message::Refused { reason: e.clone() });
+    }
+    l.closer.close();
+    result
 }

@@ -29,7 +29,8 @@ pub enum MoveStorage {
     Shared,
     /// Copied to the destination while the guest runs (shared-nothing): per disk, the path of
     /// its active layer at the destination (relative: to the destination's first storage
-    /// root). Backing chains arrive flattened into that one file.
+    /// root). Read-only parents go beside it, under their own names (reused when an
+    /// identical file is there already).
     Copy {
         /// Per disk, in the definition's order.
         disks: Vec<String>,
@@ -375,22 +376,25 @@ async fn offer(
             {
                 d.path.clone_from(target);
                 let top = resolved.layers.first();
-                offers.push(DiskOffer {
-                    layers: vec![LayerOffer {
-                        name: std::path::Path::new(target)
-                            .file_name()
-                            .map(|n| n.to_string_lossy().into_owned())
-                            .unwrap_or_default(),
-                        format: d.format,
-                        virtual_size: resolved.virtual_size,
-                        file_size: 0,
-                        allocated_bytes: top
-                            .and_then(|l| std::fs::metadata(&l.path).ok())
-                            .map_or(0, |m| std::os::unix::fs::MetadataExt::blocks(&m) * 512),
-                        checksum: None,
-                        backing: None,
-                    }],
+                let mut layers = Vec::new();
+                for parent in resolved.layers.iter().skip(1).rev() {
+                    layers.push(parent_offer(host, &parent.path, parent.format).await?);
+                }
+                layers.push(LayerOffer {
+                    name: std::path::Path::new(target)
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                    format: d.format,
+                    virtual_size: resolved.virtual_size,
+                    file_size: 0,
+                    allocated_bytes: top
+                        .and_then(|l| std::fs::metadata(&l.path).ok())
+                        .map_or(0, |m| std::os::unix::fs::MetadataExt::blocks(&m) * 512),
+                    checksum: None,
+                    backing: None,
                 });
+                offers.push(DiskOffer { layers });
             }
             OfferStorage::Copy { disks: offers }
         }
@@ -411,12 +415,107 @@ async fn offer(
     })
 }
 
+/// A read-only parent as offered: its name, size, SHA-256 and backing reference as written.
+async fn parent_offer(
+    host: &QemuHost,
+    path: &std::path::Path,
+    format: crate::disk::DiskFormat,
+) -> Result<LayerOffer, MoveError> {
+    let failed = |cause: String| MoveError::Failed {
+        phase: "reading the disks' parents",
+        cause: format!("{}: {cause}", path.display()),
+    };
+    let p = path.to_path_buf();
+    let checksum = tokio::task::spawn_blocking(move || crate::disk::file_checksum(&p))
+        .await
+        .map_err(|e| failed(e.to_string()))?
+        .map_err(|e| failed(chain(&e)))?;
+    let file_size = std::fs::metadata(path)
+        .map_err(|e| failed(e.to_string()))?
+        .len();
+    let info = tokio::process::Command::new(super::qemu_img(host))
+        .args(["info", "-U", "--output=json"])
+        .arg(path)
+        .output()
+        .await
+        .map_err(|e| failed(format!("cannot run qemu-img: {e}")))?;
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap_or_default();
+    let virtual_size = info
+        .get("virtual-size")
+        .and_then(serde_json::Value::as_u64)
+        .unwrap_or(0);
+    let backing = info
+        .get("backing-filename")
+        .and_then(serde_json::Value::as_str)
+        .map(PathBuf::from);
+    Ok(LayerOffer {
+        name: path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        format,
+        virtual_size,
+        file_size,
+        allocated_bytes: file_size,
+        checksum: Some(wire::Checksum(checksum.0)),
+        backing,
+    })
+}
+
+/// Sends a parent file on its own stream link (blocking): chunks, the end marker, then the
+/// destination's StreamDone once it checked the file.
+fn send_parent(
+    st: &Streams,
+    disk: u8,
+    layer: u8,
+    path: &std::path::Path,
+    sent: &std::sync::atomic::AtomicU64,
+) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let stream = StreamKind::Parent { disk, layer };
+    let mut l = open_stream(&st.dialer, st.move_id, stream, &st.software, st.timeout)?;
+    let mut f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut buf = vec![0u8; 4 + (1 << 20)];
+    loop {
+        let n = f
+            .read(buf.get_mut(4..).unwrap_or_default())
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        let len = u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes();
+        if let Some(h) = buf.get_mut(..4) {
+            h.copy_from_slice(&len);
+        }
+        l.writer
+            .write_all(buf.get(..4 + n).unwrap_or_default())
+            .map_err(|e| format!("sending {stream}: {e}"))?;
+        sent.fetch_add(n as u64, Ordering::Relaxed);
+    }
+    l.writer
+        .write_all(&wire::END_OF_STREAM)
+        .and_then(|()| l.writer.flush())
+        .map_err(|e| format!("sending {stream}: {e}"))?;
+    match link::first_message(l, Duration::from_secs(600)) {
+        Ok((Message::StreamDone, l)) => {
+            l.closer.close();
+            Ok(())
+        }
+        Ok((Message::Refused { reason }, _)) => Err(format!("{stream}: {reason}")),
+        Ok((m, l)) => {
+            l.closer.close();
+            Err(format!("{stream}: the destination answered {}", m.name()))
+        }
+        Err(e) => Err(format!("{stream}: {}", chain(&e))),
+    }
+}
+
 /// Setup: Hello, Welcome, Offer, the destination's verdict. `Ok(Err(report))`: incompatible.
 async fn setup(
     g: &mut Guard<'_>,
     offer: Offer,
     software: &str,
-) -> Result<Result<MoveId, Vec<(u32, String)>>, MoveError> {
+) -> Result<Result<(MoveId, Vec<Vec<bool>>), Vec<(u32, String)>>, MoveError> {
     g.ctl.send(&Message::Hello(Hello {
         version: VERSION,
         software: software.to_string(),
@@ -449,7 +548,7 @@ async fn setup(
     };
     g.ctl.send(&Message::Offer(Box::new(offer)));
     match g.expect(timeout).await.map_err(Stop::into_error)? {
-        Message::Accepted(_) => Ok(Ok(move_id)),
+        Message::Accepted(a) => Ok(Ok((move_id, a.reuse))),
         Message::Incompatible { report } => {
             Ok(Err(report.into_iter().map(|p| (p.id, p.message)).collect()))
         }
@@ -538,8 +637,12 @@ pub async fn move_vm(
     let beat = heartbeat(g.ctl.sender(), false);
     let offer = offer(host, vm, validated, opts).await?;
     let copy = matches!(offer.storage, OfferStorage::Copy { .. });
+    let reuse: Vec<Vec<bool>>;
     let move_id = match setup(&mut g, offer, &opts.software).await {
-        Ok(Ok(id)) => id,
+        Ok(Ok((id, r))) => {
+            reuse = r;
+            id
+        }
         Ok(Err(report)) => {
             beat.abort();
             g.ctl.finish(Duration::from_secs(2));
@@ -569,6 +672,34 @@ pub async fn move_vm(
 
     let run = async {
         g.ctl.send(&Message::Prepare);
+        // Read-only parents the destination does not have, each on its own stream.
+        if copy {
+            let parent_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            for (disk, d) in validated.disks().iter().enumerate() {
+                let parents: Vec<_> = d.layers.iter().skip(1).rev().collect();
+                for (layer, p) in parents.into_iter().enumerate() {
+                    let reused = reuse
+                        .get(disk)
+                        .and_then(|r| r.get(layer))
+                        .copied()
+                        .unwrap_or(false);
+                    if reused {
+                        stats.disk_bytes_reused += std::fs::metadata(&p.path).map_or(0, |m| m.len());
+                        continue;
+                    }
+                    let (st, path, counter) = (streams.clone(), p.path.clone(), Arc::clone(&parent_bytes));
+                    let (dk, ly) = (
+                        u8::try_from(disk).unwrap_or(u8::MAX),
+                        u8::try_from(layer).unwrap_or(u8::MAX),
+                    );
+                    g.run(tokio::task::spawn_blocking(move || send_parent(&st, dk, ly, &path, &counter)))
+                        .await?
+                        .map_err(|e| Stop::Failed("copying the disks' parents", e.to_string()))?
+                        .map_err(|e| Stop::Failed("copying the disks' parents", e))?;
+                }
+            }
+            stats.disk_parent_bytes_sent = parent_bytes.load(Ordering::Relaxed);
+        }
         match g.expect(opts.handoff_timeout).await? {
             Message::Prepared => {}
             m => {
@@ -632,7 +763,12 @@ pub async fn move_vm(
                     replaces: None,
                     speed: opts.bandwidth_limit.map(|b| i64::try_from(b).unwrap_or(i64::MAX)),
                     device: source_node,
-                    sync: qmp::MirrorSyncMode::full,
+                    // The parents are there already: only the active layer's data.
+                    sync: if validated.disks()[disk].layers.len() > 1 {
+                        qmp::MirrorSyncMode::top
+                    } else {
+                        qmp::MirrorSyncMode::full
+                    },
                     target: mirror_target(disk),
                 }))
                 .await?
@@ -683,7 +819,7 @@ pub async fn move_vm(
                     converging: true,
                 });
                 if ready == undo.mirrors.len() {
-                    stats.disk_bytes_sent = done;
+                    stats.disk_bytes_sent = done + stats.disk_parent_bytes_sent;
                     break;
                 }
                 if Instant::now() > deadline {

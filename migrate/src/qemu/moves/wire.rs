@@ -16,7 +16,8 @@
 //! After a stream link was accepted (`StreamAccepted`), it carries raw bytes in chunks:
 //! `u32` length (little-endian, at most [`MAX_CHUNK`]) then the bytes; a length of 0 ends the
 //! direction (a half close, which the links themselves cannot express). A parent-copy
-//! stream's chunks start with the `u64` byte offset of their data in the file.
+//! stream carries the file from its first byte to its last, then the end marker; the
+//! destination answers `StreamDone` once it checked length and SHA-256.
 //!
 //! Decoding never panics; every length is bounded before it is used.
 
